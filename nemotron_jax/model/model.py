@@ -1,0 +1,135 @@
+"""`Model`: the user-facing handle on a config plus its weights, and `init` / `load`.
+
+The heavy lifting is pure: `forward(graphdef, state, tokens, ...)` is jitted once per shape and
+takes the weights as an argument; `Model` only holds them and converts inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nemotron_jax.checkpoint import restore_params, save_params
+from nemotron_jax.config import ModelConfig
+from nemotron_jax.convert.hf import read_hf_params, write_hf
+from nemotron_jax.errors import CheckpointError, ConfigError
+from nemotron_jax.fileio import atomic_dir
+from nemotron_jax.model.params import abstract_model, assemble, flat_params, init_sharded, param_shardings
+from nemotron_jax.model.transformer import Policy, Transformer
+from nemotron_jax.presets import SAVED_CONFIG, read_saved_config, resolve_config
+from nemotron_jax.sharding import Layout, use_layout
+
+_DTYPES = ("float32", "bfloat16")
+
+
+@partial(jax.jit, static_argnums=0)
+def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens_BxT: jax.Array,
+            positions_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+    """Pure forward: float32 logits [B, T, V]."""
+    return nnx.merge(graphdef, state)(tokens_BxT, positions_BxT, segment_ids_BxT)[0]
+
+
+class Model:
+    """A Nemotron-NAS model: `config`, weights, and the operations users call."""
+
+    def __init__(self, module: Transformer, layout: Layout | None = None):
+        self.module = module
+        self.layout = layout
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.module.config
+
+    @property
+    def policy(self) -> Policy:
+        return self.module.policy
+
+    def split(self) -> tuple[nnx.GraphDef, nnx.State]:
+        return nnx.split(self.module)
+
+    def logits(self, tokens: Any, positions: Any = None, segment_ids: Any = None) -> np.ndarray:
+        """Float32 logits [B, T, vocab] for int tokens [B, T] (a 1-D sequence is treated as B=1)."""
+        tokens = _as_tokens(tokens, self.config.vocab_size)
+        squeeze = tokens.ndim == 1
+        tokens = tokens[None] if squeeze else tokens
+        positions = None if positions is None else jnp.asarray(positions, jnp.int32).reshape(tokens.shape)
+        segment_ids = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32).reshape(tokens.shape)
+        graphdef, state = self.split()
+        with use_layout(self.layout):
+            out = forward(graphdef, state, jnp.asarray(tokens), positions, segment_ids)
+        out = np.asarray(out)
+        return out[0] if squeeze else out
+
+    def save(self, path: str | Path) -> None:
+        """Orbax parameters plus `model_config.json`, written to a temp dir and renamed into place."""
+        with atomic_dir(path) as tmp:
+            (tmp / SAVED_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            save_params(tmp / "params", flat_params(self.module))
+
+    def save_hf(self, path: str | Path, format: Literal["decilm", "llama"] = "decilm") -> None:
+        """A Hugging Face checkpoint (config.json + safetensors) in the parameter dtype."""
+        cfg = self.config.replace(torch_dtype=self.policy.param_dtype)
+        write_hf(path, cfg, flat_params(self.module), format)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.num_layers} blocks, hidden {c.hidden_size}, {c.num_params():,} params, "
+                f"{self.policy.param_dtype})")
+
+
+def _as_tokens(tokens: Any, vocab: int) -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+    if arr.ndim not in (1, 2) or arr.size == 0:
+        raise ValueError(f"tokens must be a non-empty [B, T] (or [T]) array, got shape {arr.shape}")
+    if arr.min() < 0 or arr.max() >= vocab:
+        raise ValueError(f"token ids must lie in [0, {vocab}), got range [{arr.min()}, {arr.max()}]")
+    return arr.astype(np.int32)
+
+
+def _policy(dtype: str, compute_dtype: str | None = None, **options: Any) -> Policy:
+    for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
+        if value is not None and value not in _DTYPES:
+            raise ConfigError(f"{name} must be one of {_DTYPES}, got {value!r}")
+    return Policy(param_dtype=dtype, compute_dtype=compute_dtype, **options)
+
+
+def init(cfg: ModelConfig | str, seed: int = 0, dtype: str = "float32", *, compute_dtype: str | None = None,
+         layout: Layout | None = None, **options: Any) -> Model:
+    """A freshly initialised model, each weight created directly in its shard.
+
+    `cfg` may be a `ModelConfig` or anything `resolve_config` accepts (a preset name, a path).
+    `options`: `scan_layers`, `remat`, `attention_impl`, `ffn_impl` (see `Policy`).
+    """
+    cfg = cfg if isinstance(cfg, ModelConfig) else resolve_config(cfg)
+    policy = _policy(dtype, compute_dtype, **options)
+    return Model(init_sharded(cfg, policy, seed, layout), layout)
+
+
+def load(path: str | Path, dtype: str = "float32", *, compute_dtype: str | None = None,
+         layout: Layout | None = None, **options: Any) -> Model:
+    """A model from an HF directory (DeciLM or Llama layout) or a directory written by `Model.save`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a model directory")
+    policy = _policy(dtype, compute_dtype, **options)
+    saved = (path / SAVED_CONFIG).is_file()
+    cfg = read_saved_config(path) if saved else ModelConfig.from_hf(path)
+    abstract = abstract_model(cfg, policy)
+    shardings = param_shardings(abstract, layout)
+    if saved:
+        shapes = {p: jax.ShapeDtypeStruct(v.shape, jnp.dtype(dtype), sharding=shardings[p])
+                  for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+        flat = restore_params(path / "params", shapes)
+    else:
+        flat = read_hf_params(path, cfg, shardings, jnp.dtype(dtype))
+    return Model(assemble(cfg, policy, flat), layout)
+
