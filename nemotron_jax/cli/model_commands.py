@@ -1,0 +1,102 @@
+"""`info`, `convert` and `demo`: inspecting models and moving them to and from Hugging Face."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from nemotron_jax.config import ModelConfig
+from nemotron_jax.presets import SAVED_CONFIG, resolve_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a model: layer table, parameters, KV-cache bytes")
+    p.add_argument("path", help="a config.json, an HF directory, a saved model, or a preset name")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=info)
+
+    p = sub.add_parser("convert", help="HF directory -> saved model, or saved model -> HF directory")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--format", choices=["decilm", "llama"], default="decilm",
+                   help="HF layout when writing HF (llama only for homogeneous models)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="parameter dtype (default: the checkpoint's own)")
+    p.set_defaults(func=convert)
+
+    p = sub.add_parser("demo", help="build a tiny heterogeneous model, round-trip it through HF format")
+    p.add_argument("--preset", default="tiny-hetero")
+    p.add_argument("--output", default="outputs/demo", help="where the HF copy is written")
+    p.set_defaults(func=demo)
+
+
+def describe(cfg: ModelConfig) -> dict:
+    return {
+        "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+        "num_attention_heads": cfg.num_attention_heads, "head_dim": cfg.head_dim,
+        "num_params": cfg.num_params(), "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token("bfloat16"),
+        "layers": cfg.layer_table(),
+    }
+
+
+def format_table(cfg: ModelConfig) -> str:
+    rows = cfg.layer_table()
+    lines = [f"{'layer':>5}  {'attention':<12} {'ffn':<14} {'params':>16} {'kv B/token':>10}"]
+    lines += [f"{r['layer']:>5}  {r['attention']:<12} {r['ffn']:<14} {r['params']:>16,} "
+              f"{r['kv_bytes_per_token_bf16']:>10,}" for r in rows]
+    lines.append(f"{cfg.num_layers} blocks, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads "
+                 f"x {cfg.head_dim}, vocab {cfg.vocab_size}")
+    lines.append(f"parameters: {cfg.num_params():,}; KV cache: {cfg.kv_cache_bytes_per_token('bfloat16'):,} "
+                 "bytes/token (bf16)")
+    return "\n".join(lines)
+
+
+def info(args: argparse.Namespace) -> None:
+    cfg = resolve_config(args.path)
+    print(json.dumps(describe(cfg), indent=2) if args.json else format_table(cfg))
+
+
+def convert(args: argparse.Namespace) -> None:
+    from nemotron_jax.model import load
+
+    src = Path(args.src)
+    to_hf = (src / SAVED_CONFIG).is_file()
+    dtype = args.dtype or _checkpoint_dtype(src, to_hf)
+    model = load(src, dtype=dtype)
+    if to_hf:
+        model.save_hf(args.dst, format=args.format)
+    else:
+        model.save(args.dst)
+    print(f"wrote {args.dst} ({'HF ' + args.format if to_hf else 'nemotron-jax'}, {dtype}, "
+          f"{model.config.num_params():,} params)")
+
+
+def _checkpoint_dtype(src: Path, saved: bool) -> str:
+    if saved:
+        return "float32" if resolve_config(src).torch_dtype == "float32" else "bfloat16"
+    cfg = ModelConfig.from_hf(src)
+    return "float32" if cfg.torch_dtype == "float32" else "bfloat16"
+
+
+def demo(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from nemotron_jax.model import init, load
+    from nemotron_jax.presets import preset
+
+    cfg = preset(args.preset)
+    print(format_table(cfg))
+    model = init(cfg, seed=0)
+    out = Path(args.output) / "hf"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    model.save_hf(out)
+    reloaded = load(out)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 16))
+    diff = float(np.abs(model.logits(tokens) - reloaded.logits(tokens)).max())
+    print(f"\nround trip through HF DeciLM format at {out}: max |logits difference| = {diff:.1e}")
+    if diff != 0.0:
+        raise ValueError("round trip changed the logits")
