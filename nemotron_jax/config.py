@@ -339,7 +339,9 @@ def _block_str(b: BlockConfig) -> str:
     if b.ffn.kind != "swiglu":
         ffn = b.ffn.kind
     else:
-        ffn = f"mult:{b.ffn.ffn_mult:g}" if b.ffn.ffn_mult is not None else f"swiglu:{b.ffn.intermediate_size}"
+        # repr, not :g (6 significant digits turned Ultra's 31.40625 into 31.4062)
+        mult = repr(float(b.ffn.ffn_mult)).removesuffix(".0") if b.ffn.ffn_mult is not None else None
+        ffn = f"mult:{mult}" if mult is not None else f"swiglu:{b.ffn.intermediate_size}"
     return f"{att} {ffn}"
 
 
@@ -497,7 +499,8 @@ def _block_from_hf(raw: Any, i: int, heads: int, hidden: int, where: str) -> Blo
 
     if att.get("no_op") or att.get("replace_with_linear"):
         if att.get("n_heads_in_group") is not None:
-            raise ConfigError(f"{where}: block {i}: attention.n_heads_in_group must be null for a no-op/linear attention")
+            raise ConfigError(f"{where}: block {i}: attention.n_heads_in_group must be null "
+                              "for a no-op/linear attention")
         attention = AttentionConfig("none" if att.get("no_op") else "linear")
     else:
         group = att.get("n_heads_in_group")

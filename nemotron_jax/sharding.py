@@ -11,12 +11,28 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+_BATCH = ("batch", ("data", "fsdp"))
+RULE_PRESETS: dict[str, Rules] = {
+    # Replicated weights, batch split over every data-like axis.
+    "dp": (_BATCH,),
+    # ZeRO-3 style: weights split along `embed` over fsdp, gathered per layer by XLA.
+    "fsdp": (_BATCH, ("embed", "fsdp"), ("seq", "sequence")),
+    # FSDP plus Megatron-style tensor parallelism over heads, FFN width and vocabulary.
+    "fsdp_tp": (_BATCH, ("embed", "fsdp"), ("seq", "sequence"),
+                ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
+                ("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("act_mlp", "tensor"),
+                ("act_vocab", "tensor")),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +61,49 @@ class Layout:
 
     def sharding(self, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(logical_axes, shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes (-1: all remaining devices) and the rules preset that maps names onto them.
+
+    `dcn_data` > 1 splits `data` across slices/hosts over the data-centre network (multi-slice),
+    keeping fsdp/tensor/sequence inside a slice's fast interconnect.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    sequence: int = 1
+    dcn_data: int = 1
+    rules: str = "fsdp_tp"
+
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        sizes = [self.data, self.fsdp, self.tensor, self.sequence]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
+        known = math.prod(s for s in sizes if s != -1) * self.dcn_data
+        if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} x dcn_data={self.dcn_data} "
+                             f"does not fit {num_devices} devices")
+        sizes = [num_devices // known if s == -1 else s for s in sizes]
+        if math.prod(sizes) * self.dcn_data != num_devices:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} x dcn_data={self.dcn_data} "
+                             f"uses {math.prod(sizes) * self.dcn_data} devices, but there are {num_devices}")
+        return tuple(sizes)
+
+    def layout(self, devices: Sequence[jax.Device] | None = None) -> Layout:
+        devices = list(devices if devices is not None else jax.devices())
+        if self.rules not in RULE_PRESETS:
+            raise ValueError(f"unknown sharding rules {self.rules!r}; expected one of {sorted(RULE_PRESETS)}")
+        ici = self.shape(len(devices))
+        if self.dcn_data > 1:
+            from jax.experimental import mesh_utils
+
+            grid = mesh_utils.create_hybrid_device_mesh(ici, (self.dcn_data, 1, 1, 1), devices)
+        else:
+            grid = np.asarray(devices).reshape(ici)
+        return Layout(Mesh(grid, MESH_AXES), RULE_PRESETS[self.rules])
 
 
 _LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("nemotron_jax_layout", default=None)
