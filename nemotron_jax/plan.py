@@ -1,0 +1,192 @@
+"""Memory planner: per-device bytes of a training or inference run, before buying the chips.
+
+Parameter, gradient and optimiser bytes are exact: every abstract parameter is sharded by the same
+`Layout.spec` the real run uses (including the deliberate fallbacks, e.g. replicated KV heads when
+they do not divide the tensor axis). Activations are a model of what `jax.grad` keeps alive per
+block under each remat policy, checked against XLA's own memory analysis in tests/test_plan.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import AbstractMesh
+
+from nemotron_jax.config import BlockConfig, ModelConfig
+from nemotron_jax.sharding import MESH_AXES, RULE_PRESETS, Layout, MeshConfig
+
+GiB = 1024**3
+# Usable HBM per chip (bytes); what `--device` accepts.
+DEVICE_MEMORY = {
+    "v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB,
+    "a100-80g": 80 * 10**9, "h100": 80 * 10**9, "h200": 141 * 10**9, "b200": 192 * 10**9,
+    "cpu": 24 * GiB,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device, plus the sharding fallbacks the layout had to take."""
+
+    num_devices: int
+    mesh: dict[str, int]
+    params_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    kv_cache_bytes: int
+    fallbacks: tuple[str, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.params_bytes + self.gradient_bytes + self.optimizer_bytes + self.activation_bytes
+                + self.kv_cache_bytes)
+
+    def fits(self, device_bytes: int, headroom: float = 0.9) -> bool:
+        """Whether the total fits in `headroom` of a device (the rest: XLA workspace, fragmentation)."""
+        return self.total_bytes <= headroom * device_bytes
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["fallbacks"] = list(self.fallbacks)
+        out["total_bytes"] = self.total_bytes
+        return out
+
+
+def plan_memory(cfg: ModelConfig, mesh: MeshConfig, num_devices: int, batch: int, seq: int,
+                mode: Literal["train", "infer"] = "train", *, remat: str = "full",
+                param_dtype: str | None = None, compute_dtype: str = "bfloat16",
+                cache_dtype: str = "bfloat16", attention_impl: str = "pallas",
+                loss_chunk_tokens: int = 2048, prefill_chunk: int = 4096) -> MemoryPlan:
+    """Per-device memory of `mode` at global `batch` x `seq` on `num_devices` laid out by `mesh`.
+
+    train: fp32 master weights (default), fp32 gradients, AdamW moments, activations under `remat`.
+    infer: weights in `param_dtype` (default bf16) and a KV cache for batch x seq tokens.
+    Inference activations are those of prefilling `prefill_chunk` tokens per row at a time.
+    `attention_impl="xla"` counts the [T, T] score matrices the plain-XLA attention materialises;
+    the default assumes the flash kernels (Pallas / splash), which keep none.
+    """
+    if mode not in ("train", "infer"):
+        raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
+    param_dtype = param_dtype or ("float32" if mode == "train" else "bfloat16")
+    sizes = dict(zip(MESH_AXES, mesh.shape(num_devices), strict=True))
+    sizes["data"] *= mesh.dcn_data
+    if mesh.rules not in RULE_PRESETS:
+        raise ValueError(f"unknown sharding rules {mesh.rules!r}")
+    layout = Layout(AbstractMesh(tuple(sizes.values()), MESH_AXES), RULE_PRESETS[mesh.rules])
+
+    param_elems, fallbacks = 0, []
+    for path, shape, axes in _param_shapes(cfg):
+        spec = layout.spec(axes, shape)
+        param_elems += _local_elems(shape, spec, sizes)
+        wanted = layout.spec(axes)
+        if wanted != spec:
+            fallbacks.append(f"{path} {shape}: wanted {wanted}, replicated where it does not divide -> {spec}")
+    pbytes = jnp.dtype(param_dtype).itemsize
+    params = param_elems * pbytes
+
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    local_batch = math.ceil(batch / batch_shards)
+    local_seq = math.ceil(seq / sizes["sequence"])
+    if mode == "infer":
+        kv = _kv_cache_bytes(cfg, local_batch, seq, sizes["tensor"], cache_dtype)
+        act = _inference_activation_bytes(cfg, local_batch, min(local_seq, prefill_chunk), sizes["tensor"],
+                                          compute_dtype)
+        return MemoryPlan(num_devices, sizes, params, 0, 0, act, kv, tuple(fallbacks))
+    act = _train_activation_bytes(cfg, local_batch, local_seq, sizes["tensor"], compute_dtype, remat,
+                                  attention_impl, loss_chunk_tokens)
+    return MemoryPlan(num_devices, sizes, params, param_elems * 4, 2 * param_elems * 4, act, 0,
+                      tuple(fallbacks))
+
+
+def min_devices(cfg: ModelConfig, device_bytes: int, batch: int, seq: int, mode: Literal["train", "infer"],
+                mesh: MeshConfig | None = None, max_devices: int = 65536, **kw) -> MemoryPlan | None:
+    """The smallest power-of-two device count whose plan fits (mesh: -1 on one axis absorbs it)."""
+    mesh = mesh or MeshConfig(fsdp=-1, rules="fsdp")
+    n = 1
+    while n <= max_devices:
+        try:
+            plan = plan_memory(cfg, mesh, n, batch, seq, mode, **kw)
+        except ValueError:
+            plan = None
+        if plan is not None and plan.fits(device_bytes):
+            return plan
+        n *= 2
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shapes(cfg: ModelConfig) -> tuple[tuple[str, tuple[int, ...], tuple[str, ...]], ...]:
+    """(path, shape, logical axes) of every parameter, from the model itself via `eval_shape`."""
+    from nemotron_jax.model.params import abstract_model
+    from nemotron_jax.model.transformer import Policy
+
+    abstract = abstract_model(cfg, Policy())
+    return tuple((".".join(map(str, path)), tuple(var.shape), tuple(var.logical_axes))
+                 for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+
+
+def _local_elems(shape: tuple[int, ...], spec: tuple, sizes: dict[str, int]) -> int:
+    elems = 1
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        elems *= math.ceil(dim / math.prod(sizes[a] for a in axes))
+    return elems
+
+
+def _split(n: int, tensor: int) -> int:
+    """Per-device share of a head/width dimension under tensor parallelism (replicated if it won't divide)."""
+    return n // tensor if n % tensor == 0 else n
+
+
+def _kv_cache_bytes(cfg: ModelConfig, local_batch: int, seq: int, tensor: int, dtype: str) -> int:
+    per_token = sum(2 * _split(b.attention.num_kv_heads, tensor) * cfg.head_dim
+                    for b in cfg.blocks if b.attention.kind == "gqa")
+    return local_batch * seq * per_token * jnp.dtype(dtype).itemsize
+
+
+def _layer_bytes(cfg: ModelConfig, block: BlockConfig, b: int, t: int, tensor: int, c: int, attention_impl: str) -> int:
+    d, h = cfg.hidden_size, cfg.head_dim
+    n = _split(cfg.num_attention_heads, tensor)
+    total = 0
+    att, ffn = block.attention, block.ffn
+    if att.kind == "gqa":
+        k = _split(att.num_kv_heads, tensor)
+        total += b * t * (2 * d + 2 * n * h + 2 * k * h) * c  # residual in, normed, q, k, v, attn out
+        if attention_impl == "xla":
+            total += 2 * b * n * t * t * 4  # f32 scores and softmax probabilities
+    elif att.kind == "linear":
+        total += 2 * b * t * d * c
+    if ffn.kind == "swiglu":
+        f = _split(ffn.intermediate_size, tensor)
+        total += b * t * (2 * d + 4 * f) * c  # residual in, normed, gate, up, sigmoid(gate), product
+    elif ffn.kind == "linear":
+        total += 2 * b * t * d * c
+    return total
+
+
+def _train_activation_bytes(cfg: ModelConfig, b: int, t: int, tensor: int, dtype: str, remat: str,
+                            attention_impl: str, chunk: int) -> int:
+    c = jnp.dtype(dtype).itemsize
+    per_layer = [_layer_bytes(cfg, blk, b, t, tensor, c, attention_impl) for blk in cfg.blocks]
+    residual = b * t * cfg.hidden_size * c
+    if remat == "none":
+        stash = sum(per_layer)
+    else:  # full (or a policy saving little more): each block keeps its input; one block is live again
+        stash = residual * cfg.num_layers + max(per_layer)
+    stash += max(per_layer)  # cotangents of the block being differentiated
+    vocab = _split(cfg.vocab_size, tensor)
+    logits = 2 * min(chunk, b * t) * vocab * 4  # one chunk of f32 logits and its gradient
+    return stash + logits + 2 * residual  # + embedding output and its cotangent
+
+
+def _inference_activation_bytes(cfg: ModelConfig, b: int, t: int, tensor: int, dtype: str) -> int:
+    """Prefill peak: one block's working set plus the residual stream, and the last-token logits."""
+    c = jnp.dtype(dtype).itemsize
+    per_layer = max(_layer_bytes(cfg, blk, b, t, tensor, c, "pallas") for blk in cfg.blocks)
+    return per_layer + b * t * cfg.hidden_size * c + b * _split(cfg.vocab_size, tensor) * 4
