@@ -69,7 +69,7 @@ def accuracy(response: str, answer: str, thinking: bool) -> float:
     return float(predicted is not None and answers_equal(predicted, ground_truth(answer)))
 
 
-def format(response: str, thinking: bool) -> float:  # noqa: A001 - the stable public name
+def format(response: str, thinking: bool) -> float:  # shadows the builtin: the stable public name
     """1.0 when think tags are exactly as the mode requires, else 0.0.
 
     On: the response starts with `<think>`, has exactly one `<think>` and one `</think>` in that
@@ -115,7 +115,7 @@ def score_all(fn: RewardFn, samples: Sequence[dict[str, Any]], timeout_s: float 
         except concurrent.futures.TimeoutError:
             scores.append(0.0)
             errors.append(f"timed out after {timeout_s:g}s")
-        except Exception as e:  # noqa: BLE001 - any user error scores 0, reported per sample
+        except Exception as e:  # any user error scores 0, reported per sample
             scores.append(0.0)
             errors.append(f"{type(e).__name__}: {e}")
     pool.shutdown(wait=False, cancel_futures=True)
