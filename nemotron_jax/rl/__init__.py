@@ -1,0 +1,1 @@
+"""Reinforcement learning and preference optimisation: objectives, rollouts, and the GRPO/DPO recipes."""
