@@ -1,0 +1,1 @@
+"""Evaluation: reasoning accuracy per toggle mode, loss/perplexity, and report tables."""

@@ -1,0 +1,51 @@
+"""Evaluation tables (markdown) and the side-by-side plot of a pipeline's models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [("model", "model", "{}"), ("mode", "thinking", "{}"), ("accuracy", "accuracy", "{:.3f}"),
+           ("format_rate", "format", "{:.3f}"), ("mean_response_tokens", "resp. tokens", "{:.1f}"),
+           ("tokens_per_s", "decode tok/s", "{:.1f}"), ("kv_cache_bytes_per_token", "KV B/token", "{:,}"),
+           ("params", "params", "{:,}")]
+
+
+def format_table(rows: Sequence[dict[str, Any]], loss: dict[str, float] | None = None) -> str:
+    """A markdown table, one row per model and mode (plus the loss line when measured)."""
+    lines = []
+    if rows:
+        lines.append("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
+        lines.append("|" + "---|" * len(COLUMNS))
+        lines += ["| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |" for row in rows]
+    if loss:
+        lines.append(f"\nloss {loss['loss']:.4f}, perplexity {loss['perplexity']:.2f} over {loss['tokens']:,} tokens")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Bars of accuracy per model (thinking on / off) beside decode speed: the paper's trade-off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, (ax_acc, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.38
+    for k, mode in enumerate(("on", "off")):
+        acc = [next((r["accuracy"] for r in rows if r["model"] == m and r["mode"] == mode), 0.0) for m in models]
+        ax_acc.bar([i + (k - 0.5) * width for i in range(len(models))], acc, width, label=f"thinking {mode}")
+    ax_acc.set_xticks(range(len(models)), models, rotation=20)
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.legend()
+    speed = [max((r["tokens_per_s"] for r in rows if r["model"] == m), default=0.0) for m in models]
+    ax_speed.bar(range(len(models)), speed, color="tab:green")
+    ax_speed.set_xticks(range(len(models)), models, rotation=20)
+    ax_speed.set_ylabel("decode tokens/s")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
