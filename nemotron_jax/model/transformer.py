@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nemotron_jax import kernels
 from nemotron_jax.config import BlockConfig, ModelConfig
-from nemotron_jax.model.attention import GQAttention, KVCache, LinearAttention, dot_product_attention
-from nemotron_jax.model.ffn import LinearFFN, SwiGLU, swiglu
+from nemotron_jax.model.attention import GQAttention, KVCache, LinearAttention
+from nemotron_jax.model.ffn import LinearFFN, SwiGLU
 from nemotron_jax.model.layers import RMSNorm, param
 from nemotron_jax.sharding import constrain
 
@@ -67,8 +68,8 @@ class Block(nnx.Module):
             feed = LinearFFN(d, eps, param_dtype=pd, rngs=rngs)
         self.attention = nnx.data(attention)
         self.ffn = nnx.data(feed)
-        self.attention_fn = dot_product_attention
-        self.ffn_fn = swiglu
+        self.attention_fn = kernels.attention_fn(policy.attention_impl)
+        self.ffn_fn = kernels.ffn_fn(policy.ffn_impl)
 
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array | None,
                  cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
