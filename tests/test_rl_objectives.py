@@ -98,3 +98,15 @@ def test_preference_losses_match_numpy():
     p, q = sig(gap.astype(np.float64)), sig(beta * margin)
     np.testing.assert_allclose(float(kl), np.mean(p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))),
                                rtol=1e-4)
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_aggregation_weights_reproduce_the_masked_mean(aggregation):
+    from nemotron_jax.rl.objectives import aggregation_weights, masked_mean
+
+    rng = np.random.default_rng(3)
+    loss = jnp.asarray(rng.normal(size=(4, 6)))
+    mask = jnp.asarray(rng.integers(0, 2, size=(4, 6)).astype(np.float32)).at[0].set(0.0)
+    w = aggregation_weights(mask, aggregation)
+    np.testing.assert_allclose(float((w * loss).sum() / w.sum()), float(masked_mean(loss, mask, aggregation)),
+                               rtol=1e-6)

@@ -62,22 +62,46 @@ def k3_kl(logp_BxT: jax.Array, ref_logp_BxT: jax.Array) -> jax.Array:
     return jnp.exp(r) - 1.0 - r
 
 
-def grpo_loss(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_B: jax.Array, mask_BxT: jax.Array,
-              ref_logp_BxT: jax.Array | None = None, *, clip_low: float = 0.2, clip_high: float = 0.2,
-              kl_coef: float = 0.0, aggregation: Aggregation = "token") -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Clipped importance-ratio policy loss (+ kl_coef * k3 KL to a reference), and its metrics."""
+def grpo_per_token(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_BxT: jax.Array,
+                   ref_logp_BxT: jax.Array | None = None, *, clip_low: float = 0.2, clip_high: float = 0.2,
+                   kl_coef: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(per-token loss, per-token k3 KL (0 without a reference), clipped indicator) of the clipped
+    importance-ratio objective -min(r·A, clip(r, 1-clip_low, 1+clip_high)·A) + kl_coef·KL."""
     ratio = jnp.exp(logp_BxT - old_logp_BxT)
-    adv = advantages_B[:, None].astype(jnp.float32)
+    adv = advantages_BxT.astype(jnp.float32)
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     per_token = -jnp.minimum(unclipped, clipped)
-    metrics = {"clip_fraction": masked_mean((clipped < unclipped).astype(jnp.float32), mask_BxT, "token"),
-               "ratio_mean": masked_mean(ratio, mask_BxT, "token")}
+    kl = jnp.zeros_like(per_token) if ref_logp_BxT is None else k3_kl(logp_BxT, ref_logp_BxT)
+    return per_token + kl_coef * kl, kl, (clipped < unclipped).astype(jnp.float32)
+
+
+def grpo_loss(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_B: jax.Array, mask_BxT: jax.Array,
+              ref_logp_BxT: jax.Array | None = None, *, clip_low: float = 0.2, clip_high: float = 0.2,
+              kl_coef: float = 0.0, aggregation: Aggregation = "token") -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The GRPO loss aggregated over response tokens (`mask`), and its metrics."""
+    per_token, kl, clipped = grpo_per_token(
+        logp_BxT, old_logp_BxT, jnp.broadcast_to(advantages_B[:, None], logp_BxT.shape), ref_logp_BxT,
+        clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef)
+    metrics = {"clip_fraction": masked_mean(clipped, mask_BxT, "token"),
+               "ratio_mean": masked_mean(jnp.exp(logp_BxT - old_logp_BxT), mask_BxT, "token")}
     if ref_logp_BxT is not None:
-        kl = k3_kl(logp_BxT, ref_logp_BxT)
         metrics["kl"] = masked_mean(kl, mask_BxT, "token")
-        per_token = per_token + kl_coef * kl
     return masked_mean(per_token, mask_BxT, aggregation), metrics
+
+
+def aggregation_weights(mask_BxT: jax.Array, aggregation: Aggregation) -> jax.Array:
+    """Per-token weights w with Σ w·loss / Σ w equal to `masked_mean(loss, mask, aggregation)`.
+
+    This is how the one train step (which divides a weighted sum by the total weight) does
+    sequence-level aggregation: each sequence's tokens share a total weight of 1.
+    """
+    mask = mask_BxT.astype(jnp.float32)
+    if aggregation == "token":
+        return mask
+    if aggregation != "sequence":
+        raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+    return mask / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
 
 
 def preference_loss(chosen_logp_B: jax.Array, rejected_logp_B: jax.Array, ref_chosen_logp_B: jax.Array,

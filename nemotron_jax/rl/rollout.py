@@ -1,0 +1,146 @@
+"""Rollouts: sample G responses per prompt from the current policy, score them, build a train batch.
+
+Generation runs our jitted sampler directly on the trainer's parameters (no copy through disk or
+host); with a separate rollout layout they are resharded in device memory first. Rewards run on
+host with a timeout per sample. The batch rows are prompt+response sequences whose targets are
+weighted only on response tokens, with the sampler's log-probabilities as the old policy.
+Legend: P prompts, G responses per prompt, B = P*G rows, T tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nemotron_jax import rewards
+from nemotron_jax.model.params import param_shardings
+from nemotron_jax.rl.objectives import Aggregation, aggregation_weights, group_advantages
+from nemotron_jax.sampling import generate
+from nemotron_jax.sharding import Layout
+from nemotron_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    question: str
+    answer: str
+    thinking: bool
+
+
+@dataclasses.dataclass
+class Rollout:
+    prompts: list[Prompt]          # P
+    prompt_ids: list[list[int]]    # B (each prompt repeated G times)
+    responses: list[list[int]]     # B new tokens (ending with the stop token, if one was hit)
+    logprobs: list[list[float]]    # B raw log-probabilities of those tokens
+    texts: list[str]               # B decoded responses (special tokens dropped)
+    rewards: np.ndarray            # [P, G]
+    accuracy: np.ndarray           # [P, G]
+    format: np.ndarray             # [P, G]
+    reward_errors: list[str]
+    seconds: float
+    scoring_seconds: float
+
+
+def default_reward(response: str, answer: str, thinking: bool, format_weight: float = 1.0, **_: Any) -> float:
+    """Accuracy + format_weight * format (SPEC §4: accuracy and format rewards)."""
+    return rewards.accuracy(response, answer, thinking) + format_weight * rewards.format(response, thinking)
+
+
+def reshard_params(params: nnx.State, graphdef: nnx.GraphDef, layout: Layout | None) -> nnx.State:
+    """The same weights laid out for another mesh (e.g. a rollout mesh), moved device-to-device."""
+    if layout is None:
+        return params
+    module = nnx.merge(graphdef, params)
+    shardings = param_shardings(module, layout)
+    flat = [(p, v.replace(jax.device_put(v[...], shardings[p]))) for p, v in nnx.to_flat_state(params)]
+    return nnx.from_flat_state(flat)
+
+
+def rollout(graphdef: nnx.GraphDef, params: nnx.State, tokenizer: Tokenizer, prompts: Sequence[Prompt],
+            group_size: int, max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+            reward_fn: Callable[..., float] = default_reward, reward_timeout_s: float = 10.0,
+            layout: Layout | None = None, max_thinking_tokens: int | None = None) -> Rollout:
+    """Sample `group_size` responses for every prompt and score them."""
+    prompt_ids = [tokenizer.apply_chat_template([{"role": "user", "content": p.question}], thinking=p.thinking)
+                  for p in prompts for _ in range(group_size)]
+    options: dict[str, Any] = {}
+    if max_thinking_tokens is not None:
+        options = {"max_thinking_tokens": max_thinking_tokens, "think_tokens": tokenizer.think_tokens}
+    start = time.perf_counter()
+    out = generate(graphdef, params, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                   stop_tokens=list(tokenizer.eos_ids), return_logprobs=True, layout=layout, **options)
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    eos = set(tokenizer.eos_ids)
+    texts = [tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True) for r in out.tokens]
+    owners = [p for p in prompts for _ in range(group_size)]
+    samples = [{"response": t, "answer": p.answer, "thinking": p.thinking, "prompt": p.question}
+               for t, p in zip(texts, owners, strict=True)]
+    scored = rewards.score_all(reward_fn, samples, timeout_s=reward_timeout_s)
+    accuracy = [rewards.accuracy(s["response"], s["answer"], s["thinking"]) for s in samples]
+    fmt = [rewards.format(s["response"], s["thinking"]) for s in samples]
+    errors = [f"sample {i}: {e}" for i, e in enumerate(scored.errors) if e]
+    shape = (len(prompts), group_size)
+    return Rollout(list(prompts), prompt_ids, out.tokens, out.logprobs, texts,
+                   np.asarray(scored.scores, np.float32).reshape(shape), np.asarray(accuracy).reshape(shape),
+                   np.asarray(fmt).reshape(shape), errors, seconds, time.perf_counter() - start)
+
+
+def bucket(n: int, multiple: int = 64) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def policy_batch(r: Rollout, advantages_PxG: np.ndarray, aggregation: Aggregation,
+                 seq_len: int | None = None) -> dict[str, np.ndarray]:
+    """Rows prompt+response; targets weighted on response tokens only; old log-probs aligned to them."""
+    lengths = [len(p) + len(s) for p, s in zip(r.prompt_ids, r.responses, strict=True)]
+    t = seq_len or bucket(max(lengths) - 1)
+    b = len(lengths)
+    inputs, targets = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+    mask, old = np.zeros((b, t), np.float32), np.zeros((b, t), np.float32)
+    adv = np.zeros((b, t), np.float32)
+    segment = np.zeros((b, t), np.int32)
+    flat_adv = advantages_PxG.reshape(-1)
+    for i, (prompt, response, logprobs) in enumerate(zip(r.prompt_ids, r.responses, r.logprobs, strict=True)):
+        seq = np.asarray(prompt + response, np.int32)[: t + 1]
+        n = len(seq) - 1
+        inputs[i, :n], targets[i, :n], segment[i, :n] = seq[:-1], seq[1:], 1
+        first = len(prompt) - 1  # target index of the first response token
+        k = max(0, min(len(response), n - first))
+        mask[i, first:first + k] = 1.0
+        old[i, first:first + k] = logprobs[:k]
+        adv[i, first:first + k] = flat_adv[i]
+    weights = np.asarray(aggregation_weights(jnp.asarray(mask), aggregation))
+    return {"inputs": inputs, "targets": targets, "positions": np.broadcast_to(np.arange(t), (b, t)).copy(),
+            "segment_ids": segment, "weights": weights, "old_logprobs": old, "advantages": adv}
+
+
+def advantages_for(r: Rollout, kind: str, normalize_std: bool) -> np.ndarray:
+    return np.asarray(group_advantages(jnp.asarray(r.rewards), kind, normalize_std))
+
+
+def rollout_metrics(r: Rollout) -> dict[str, float]:
+    """Reward, accuracy, format and length per toggle mode, plus rollout/scoring speed."""
+    out: dict[str, float] = {}
+    thinking = np.asarray([p.thinking for p in r.prompts])
+    lengths = np.asarray([len(s) for s in r.responses], np.float32).reshape(r.rewards.shape)
+    for name, sel in (("", np.ones_like(thinking)), ("_on", thinking), ("_off", ~thinking)):
+        if not sel.any():
+            continue
+        out[f"reward_mean{name}"] = float(r.rewards[sel].mean())
+        out[f"reward_std{name}"] = float(r.rewards[sel].std())
+        out[f"accuracy{name}"] = float(r.accuracy[sel].mean())
+        out[f"format_rate{name}"] = float(r.format[sel].mean())
+        out[f"response_length{name}"] = float(lengths[sel].mean())
+    total = float(lengths.sum())
+    out.update(rollout_s=r.seconds, rollout_tokens_per_s=total / max(r.seconds, 1e-9), scoring_s=r.scoring_seconds,
+               reward_errors=float(len(r.reward_errors)))
+    return out

@@ -1,0 +1,90 @@
+"""Rollouts, batches, prompt schedules and preference pairs of the RL recipes."""
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nemotron_jax as nj
+from nemotron_jax.rl.preference import encode_pair, pair_batch
+from nemotron_jax.rl.prompts import PromptConfig, PromptSchedule
+from nemotron_jax.rl.rollout import Prompt, advantages_for, policy_batch, rollout
+from nemotron_jax.rl.strategies import token_logprobs
+
+PROMPTS = [Prompt("What is 2 + 3?", "#### 5", True), Prompt("What is 4 + 4?", "#### 8", False)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return nj.Tokenizer.tiny()
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny_hetero, tokenizer):
+    graphdef, params = nnx.split(tiny_hetero.module)
+    return rollout(graphdef, params, tokenizer, PROMPTS, 3, 12, temperature=1.0, seed=3)
+
+
+def test_rollout_logprobs_equal_the_trainers_recomputed_ones(tiny_hetero, sampled):
+    batch = policy_batch(sampled, advantages_for(sampled, "grpo", True), "token")
+    logp, _ = token_logprobs(tiny_hetero.module, {k: jnp.asarray(v) for k, v in batch.items()})
+    mask = batch["weights"] > 0
+    assert mask.sum() == sum(len(r) for r in sampled.responses)
+    np.testing.assert_allclose(np.asarray(logp)[mask], batch["old_logprobs"][mask], atol=2e-4)
+
+
+def test_policy_batch_weights_only_response_tokens(sampled):
+    batch = policy_batch(sampled, np.ones((2, 3), np.float32), "sequence")
+    for i, (prompt, response) in enumerate(zip(sampled.prompt_ids, sampled.responses, strict=True)):
+        row = batch["weights"][i]
+        assert (row[: len(prompt) - 1] == 0).all()  # prompt targets
+        assert (row[len(prompt) + len(response) - 1:] == 0).all()  # padding
+        np.testing.assert_allclose(row.sum(), 1.0, rtol=1e-6)  # sequence-level: one unit per row
+        assert batch["targets"][i, len(prompt) - 1] == response[0]
+
+
+def test_a_raising_or_hanging_user_reward_scores_zero(tiny_hetero, tokenizer):
+    calls = []
+
+    def flaky(response, answer, thinking, prompt, **_):
+        calls.append(prompt)
+        if "2 + 3" in prompt:
+            raise RuntimeError("judge unavailable")
+        time.sleep(2.0)
+        return 1.0
+
+    graphdef, params = nnx.split(tiny_hetero.module)
+    r = rollout(graphdef, params, tokenizer, PROMPTS, 2, 4, seed=0, reward_fn=flaky, reward_timeout_s=0.2)
+    assert r.rewards.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert sum("judge unavailable" in e for e in r.reward_errors) == 2
+    assert sum("timed out" in e for e in r.reward_errors) == 2
+
+
+def test_prompt_schedule_is_deterministic_filters_and_moves_its_centre():
+    prompts = [Prompt(f"q{i}", f"#### {i}", i % 2 == 0) for i in range(40)]
+    rates = np.linspace(0, 1, 40, dtype=np.float32)
+    cfg = PromptConfig(max_pass_rate=0.75, curriculum=True, curriculum_start=0.7, curriculum_end=0.0,
+                       curriculum_width=0.1)
+    a = PromptSchedule(prompts, 8, seed=1, iterations=10, cfg=cfg, pass_rates=rates)
+    b = PromptSchedule(prompts, 8, seed=1, iterations=10, cfg=cfg, pass_rates=rates)
+    assert a.batch(3) == b.batch(3)
+    assert a.dropped == int((rates >= 0.75).sum())
+    mean_rate = lambda batch: np.mean([rates[int(p.question[1:])] for p in batch])
+    assert mean_rate(a.batch(0)) > 0.5 > 0.2 > mean_rate(a.batch(9))
+    plain = PromptSchedule(prompts, 8, seed=1, iterations=10, cfg=PromptConfig())
+    seen = [p.question for i in range(5) for p in plain.batch(i)]
+    assert sorted(seen) == sorted(p.question for p in prompts)  # one epoch covers every prompt once
+
+
+def test_pair_batch_interleaves_and_weights_each_pair_once(tokenizer):
+    record = {"question": "What is 2 + 3?", "reasoning": "off", "chosen": "5", "rejected": "The answer is 7.",
+              "chosen_reward": 2.0, "rejected_reward": 0.5}
+    batch = pair_batch([encode_pair(tokenizer, record)] * 2)
+    assert batch["inputs"].shape[0] == 4
+    np.testing.assert_allclose(batch["weights"].sum(), 2.0, rtol=1e-6)  # two pairs
+    chosen = tokenizer.decode(batch["targets"][0][batch["response_mask"][0] > 0])
+    rejected = tokenizer.decode(batch["targets"][1][batch["response_mask"][1] > 0])
+    assert chosen.startswith("5") and rejected.startswith("The answer is 7.")
+    assert batch["reward_gap"][0, 0] == pytest.approx(1.5)
