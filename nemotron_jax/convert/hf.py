@@ -18,7 +18,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
@@ -138,8 +138,11 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return files
     single = path / "model.safetensors"
     if single.is_file():
-        with safe_open(single, "numpy") as f:
-            return {name: single for name in f.keys()}
+        try:
+            with safe_open(single, "numpy") as f:
+                return {name: single for name in f.keys()}
+        except SafetensorError as e:  # truncated or not safetensors: one clear error, not a traceback
+            raise CheckpointError(f"{single}: not a readable safetensors file ({e})") from None
     if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
         raise CheckpointError(f"{path}: holds only pickle (.bin/.pt) weights, which are unsafe to load; "
                               "convert them to safetensors first (e.g. transformers' save_pretrained("
@@ -164,7 +167,10 @@ def read_hf_params(path: str | Path, cfg: ModelConfig, shardings: dict[tuple, An
     with _OpenFiles() as handles:
         for spec in tqdm(specs, desc=f"loading {path.name}", unit="tensor", leave=False,
                          disable=len(specs) < 64):
-            tensor = handles.get(files[spec.hf_name]).get_slice(spec.hf_name)
+            try:
+                tensor = handles.get(files[spec.hf_name]).get_slice(spec.hf_name)
+            except SafetensorError as e:  # e.g. an index naming the wrong shard for a tensor
+                raise CheckpointError(f"{files[spec.hf_name]}: cannot read tensor {spec.hf_name} ({e})") from None
             shape = tuple(tensor.get_shape())
             if shape != spec.hf_shape:
                 raise CheckpointError(f"{path}: tensor {spec.hf_name} has shape {shape}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -31,17 +32,24 @@ def param_shardings(abstract: Transformer, layout: Layout | None) -> dict[Path, 
 
 def init_sharded(cfg: ModelConfig, policy: Policy, seed: int, layout: Layout | None) -> Transformer:
     """Initialise under `jit` with out_shardings, so every weight is born in its own shard."""
+    graphdef, make = _jitted_init(cfg, policy, layout)
+    return nnx.merge(graphdef, make(jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(cfg: ModelConfig, policy: Policy, layout: Layout | None) -> tuple[nnx.GraphDef, Any]:
+    """The compiled initialiser of one (config, policy, layout), the seed's key its argument: compiling
+    it takes seconds even for a toy model, so a second `init` of the same model (any seed) reuses it."""
     abstract = abstract_model(cfg, policy)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = param_shardings(abstract, layout)
     out_shardings = nnx.from_flat_state(
         [(p, v.replace(shardings[p])) for p, v in nnx.to_flat_state(abstract_state)])
 
-    def make() -> nnx.State:
-        return nnx.state(Transformer(cfg, policy, rngs=nnx.Rngs(seed)))
+    def make(key: jax.Array) -> nnx.State:
+        return nnx.state(Transformer(cfg, policy, rngs=nnx.Rngs(key)))
 
-    state = jax.jit(make, out_shardings=out_shardings)()
-    return nnx.merge(graphdef, state)
+    return graphdef, jax.jit(make, out_shardings=out_shardings)
 
 
 def flat_params(module: Transformer) -> dict[Path, jax.Array]:
