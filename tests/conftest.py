@@ -1,11 +1,13 @@
 """Shared test setup: 8 simulated CPU devices (set before jax is imported) and tiny models."""
 
 import os
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-from pathlib import Path
+# Compiling dominates the suite: share compiled programs across xdist workers and CLI subprocesses.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax
 import pytest
