@@ -1,12 +1,14 @@
 """nemotron-jax: Llama-Nemotron (Nemotron-NAS) models and their training recipe in JAX."""
 
+from nemotron_jax import rewards
 from nemotron_jax.config import AttentionConfig, BlockConfig, FFNConfig, ModelConfig, RopeScaling
 from nemotron_jax.errors import CheckpointError, ConfigError
 from nemotron_jax.model import Model, Policy, init, load
 from nemotron_jax.presets import preset, preset_names
+from nemotron_jax.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = [
     "AttentionConfig", "BlockConfig", "CheckpointError", "ConfigError", "FFNConfig", "Model", "ModelConfig",
-    "Policy", "RopeScaling", "init", "load", "preset", "preset_names",
+    "Policy", "RopeScaling", "Tokenizer", "init", "load", "preset", "preset_names", "rewards",
 ]

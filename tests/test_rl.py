@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 import nemotron_jax as nj
+from nemotron_jax.rl.config import PromptConfig
 from nemotron_jax.rl.preference import encode_pair, pair_batch
-from nemotron_jax.rl.prompts import PromptConfig, PromptSchedule
+from nemotron_jax.rl.prompts import PromptSchedule
 from nemotron_jax.rl.rollout import Prompt, advantages_for, policy_batch, rollout
 from nemotron_jax.rl.strategies import token_logprobs
 

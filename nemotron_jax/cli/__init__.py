@@ -11,8 +11,14 @@ import importlib
 import sys
 
 # Modules that each add their subcommands; keep sorted.
-COMMAND_MODULES = ["nemotron_jax.cli.model_commands", "nemotron_jax.cli.plan_commands",
-                   "nemotron_jax.cli.train_commands"]
+COMMAND_MODULES = [
+    "nemotron_jax.cli.eval_commands",
+    "nemotron_jax.cli.generate_commands",
+    "nemotron_jax.cli.model_commands",
+    "nemotron_jax.cli.plan_commands",
+    "nemotron_jax.cli.puzzle_commands",
+    "nemotron_jax.cli.train_commands",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

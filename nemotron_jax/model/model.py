@@ -67,6 +67,19 @@ class Model:
         out = np.asarray(out)
         return out[0] if squeeze else out
 
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int = 0, stop_tokens: list[int] | None = None, return_logprobs: bool = False,
+                 **options: Any) -> Any:
+        """New-token lists, one per prompt (see `nemotron_jax.sampling.stream` for `options`:
+        max_thinking_tokens, think_tokens, cache_dtype, cache_len). `stop_tokens` None: the
+        config's eos ids; []: never stop early. With `return_logprobs`: (tokens, logprobs)."""
+        from nemotron_jax.sampling import generate
+
+        out = generate(*self.split(), prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                       seed=seed, stop_tokens=stop_tokens, return_logprobs=return_logprobs, layout=self.layout,
+                       **options)
+        return (out.tokens, out.logprobs) if return_logprobs else out.tokens
+
     def save(self, path: str | Path) -> None:
         """Orbax parameters plus `model_config.json`, written to a temp dir and renamed into place."""
         with atomic_dir(path) as tmp:

@@ -8,9 +8,8 @@ frozen starting model, run inside the same jitted step.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import grain
 import numpy as np
@@ -18,28 +17,14 @@ from flax import nnx
 
 from nemotron_jax.data.sources import open_source
 from nemotron_jax.model.model import Model
-from nemotron_jax.rl.grpo import RolloutSource, SamplingConfig
+from nemotron_jax.rl.config import DPOConfig, PromptConfig, SamplingConfig
+from nemotron_jax.rl.grpo import RolloutSource
 from nemotron_jax.rl.loop import run_policy_loop
 from nemotron_jax.rl.preference import check_pair, encode_pair, online_pairs, pair_batch
-from nemotron_jax.rl.prompts import PromptConfig
 from nemotron_jax.rl.rollout import rollout_metrics
 from nemotron_jax.rl.strategies import PreferenceStrategy
 from nemotron_jax.tokenizer import Tokenizer
 from nemotron_jax.train.loop import TrainResult
-
-
-@dataclasses.dataclass(frozen=True)
-class DPOConfig:
-    """Nano used offline RPO (lr 7e-7, KL 3e-2); chat alignment used online RPO (SPEC §4)."""
-
-    loss: Literal["dpo", "rpo_bwd_kl", "rpo_sq"] = "dpo"
-    beta: float = 0.1
-    eta: float = 1.0
-    online: bool = False
-    pairs_path: str = "synthetic:pairs"  # offline: JSONL of {question|prompt|input, chosen, rejected}
-    pairs_per_iteration: int = 8
-    updates_per_iteration: int = 1
-    seq_len: int | None = None  # pad/truncate rows to this many tokens (default: a bucket of the longest)
 
 
 def run_dpo(recipe: Any, model: Model, tokenizer: Tokenizer, cfg: DPOConfig, sampling: SamplingConfig,

@@ -8,18 +8,18 @@ update each report their time and tokens/s.
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
 from nemotron_jax.model.model import Model
+from nemotron_jax.rl.config import GRPOConfig, PromptConfig, SamplingConfig
 from nemotron_jax.rl.loop import run_policy_loop
-from nemotron_jax.rl.prompts import PromptConfig, PromptSchedule, load_prompts, measure_pass_rates
+from nemotron_jax.rl.prompts import PromptSchedule, load_prompts, measure_pass_rates
 from nemotron_jax.rl.rollout import (
     advantages_for,
     default_reward,
@@ -29,37 +29,9 @@ from nemotron_jax.rl.rollout import (
     rollout_metrics,
 )
 from nemotron_jax.rl.strategies import GRPOStrategy
-from nemotron_jax.sharding import Layout, MeshConfig
+from nemotron_jax.sharding import Layout
 from nemotron_jax.tokenizer import Tokenizer
 from nemotron_jax.train.loop import TrainResult
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How responses are sampled (SPEC §4: temperature 1, top-p 1 for reasoning RL)."""
-
-    group_size: int = 8
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_thinking_tokens: int | None = None
-    format_weight: float = 1.0  # reward = accuracy + format_weight * format
-    reward_timeout_s: float = 10.0
-    rollout_mesh: MeshConfig | None = None  # generate on another layout (weights resharded in memory)
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPOConfig:
-    """Ultra used 72 prompts x 16 responses and 2 updates per rollout (SPEC §4); tiny defaults here."""
-
-    prompts_per_iteration: int = 8
-    updates_per_iteration: int = 2
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0
-    aggregation: Literal["token", "sequence"] = "token"
-    advantage: Literal["grpo", "rloo"] = "grpo"
-    normalize_std: bool = True
 
 
 class RolloutSource:

@@ -12,7 +12,6 @@ draws exactly the prompts the uninterrupted run would have, with nothing but `i`
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,20 +22,8 @@ from tqdm.auto import tqdm
 
 from nemotron_jax.data.sources import open_source
 from nemotron_jax.fileio import atomic_write_text
+from nemotron_jax.rl.config import PromptConfig
 from nemotron_jax.rl.rollout import Prompt
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptConfig:
-    path: str = "synthetic:gsm8k"          # JSONL with question/answer (GSM8K works as is), or synthetic:gsm8k
-    thinking_ratio: float = 0.5            # fraction of prompts asked with `detailed thinking on`
-    max_pass_rate: float | None = None     # drop prompts solved at least this often (e.g. 0.75)
-    pass_rate_samples: int = 4
-    curriculum: bool = False
-    curriculum_start: float = 0.9          # Gaussian centre (pass rate) at the first iteration
-    curriculum_end: float = 0.1            # ... and at the last
-    curriculum_width: float = 0.25
-    limit: int | None = None               # use the first N records only
 
 
 def load_prompts(cfg: PromptConfig, seed: int, synthetic_dir: Path) -> list[Prompt]:

@@ -1,0 +1,76 @@
+"""Configuration of the RL and preference recipes (typed, validated by `train.config.from_dict`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from nemotron_jax.sharding import MeshConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    path: str = "synthetic:arith"          # JSONL with question/answer (GSM8K works as is), or synthetic:KIND
+    thinking_ratio: float = 0.5            # fraction of prompts asked with `detailed thinking on`
+    max_pass_rate: float | None = None     # drop prompts solved at least this often (e.g. 0.75)
+    pass_rate_samples: int = 4
+    curriculum: bool = False
+    curriculum_start: float = 0.9          # Gaussian centre (pass rate) at the first iteration
+    curriculum_end: float = 0.1            # ... and at the last
+    curriculum_width: float = 0.25
+    limit: int | None = None               # use the first N records only
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are sampled (SPEC §4: temperature 1, top-p 1 for reasoning RL)."""
+
+    group_size: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_thinking_tokens: int | None = None
+    format_weight: float = 1.0  # reward = accuracy + format_weight * format
+    reward_timeout_s: float = 10.0
+    rollout_mesh: MeshConfig | None = None  # generate on another layout (weights resharded in memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Ultra used 72 prompts x 16 responses and 2 updates per rollout (SPEC §4); tiny defaults here."""
+
+    prompts_per_iteration: int = 8
+    updates_per_iteration: int = 2
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    aggregation: Literal["token", "sequence"] = "token"
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    normalize_std: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Nano used offline RPO (lr 7e-7, KL 3e-2); chat alignment used online RPO (SPEC §4)."""
+
+    loss: Literal["dpo", "rpo_bwd_kl", "rpo_sq"] = "dpo"
+    beta: float = 0.1
+    eta: float = 1.0
+    online: bool = False
+    pairs_path: str = "synthetic:pairs"  # offline: JSONL of {question|prompt|input, chosen, rejected}
+    pairs_per_iteration: int = 8
+    updates_per_iteration: int = 1
+    seq_len: int | None = None  # pad/truncate rows to this many tokens (default: a bucket of the longest)
+
+
+@dataclasses.dataclass(frozen=True)
+class StartConfig:
+    """Where the policy starts. With `sft_steps` > 0 the recipe's `model.source` is first trained by
+    reasoning SFT on `sft_data` (both toggle modes) in `{output_dir}/sft`, a resumable stage of its
+    own: RL needs a policy that already produces answers to reward."""
+
+    sft_steps: int = 0
+    sft_data: str = "synthetic:arith"
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 8
+    sft_seq_len: int = 256
