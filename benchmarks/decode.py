@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -145,6 +146,7 @@ def main() -> None:
             rows.append((size, f"{cfg.num_params() / 1e6:.0f}M", batch, n / total, decode_tps, n / hf_total,
                          hf_total / total, roof, batch * (args.new - 1) / p_decode,
                          decode / p_decode, same))
+            print(f"progress: {rows[-1]}", file=sys.stderr, flush=True)
         saved_b = 1 - bytes_per_token(pruned.config, context) / bytes_per_token(cfg, context)
         saved_f = 1 - flops_per_token(pruned.config, context) / flops_per_token(cfg, context)
         notes.append(f"{size}: half the attention removed saves {saved_b:.1%} of the bytes and {saved_f:.1%} of "

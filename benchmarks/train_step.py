@@ -2,11 +2,11 @@
 
 Measures (1) the peak: the best of several large float32 `jnp.matmul`s, in FLOP/s; (2) for each
 remat option, the jitted `train_step` (LM loss, AdamW) in tokens/s and achieved FLOP/s, with the
-compiled step's temporary memory. Model FLOPs per token: 6·N (N = matmul parameters: blocks and
-LM head, not the embedding lookup) + 12·L·T·N_heads·head_dim for dense attention (QKᵀ and PV,
-forward and backward, full T×T as the XLA reference computes it). Remat recomputes part of the
-forward in the backward pass; that extra work is *not* counted, so it shows as lower achieved
-FLOP/s: the cost of the memory it saves.
+compiled step's temporary memory (what remat trades compute for). Model FLOPs per token: 6·N
+(N = matmul parameters: blocks and LM head, not the embedding lookup) + 12·L·T·N_heads·head_dim
+for dense attention (QKᵀ and PV, forward and backward, full T×T as the XLA reference computes it).
+Remat recomputes part of the forward in the backward pass; that extra work is *not* counted, so
+it shows as lower achieved FLOP/s: the cost of the memory it saves.
 
     python benchmarks/train_step.py [--batch 4 --seq 512 --steps 3 --remat none,dots_saveable,full]
                                     [--update-docs docs/benchmarks.md]
@@ -63,32 +63,56 @@ def model_flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return 6.0 * matmul_params + attention
 
 
-def bench_remat(cfg: ModelConfig, remat: str, batch: int, seq: int, steps: int) -> dict[str, float]:
-    model = init(cfg, seed=0, remat=remat)
-    graphdef, params = nnx.split(model.module)
-    tx, schedule = make_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=0), 1000)
-    state = init_state(params, tx, 0)
-    step = make_train_step(LMStrategy(chunk_tokens=2048), graphdef, tx, schedule)
-    rng = np.random.default_rng(0)
-    toks = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-    data = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((batch, seq), np.float32),
+class Variant:
+    """One remat option: its compiled step (ahead of time, so compile time and memory are known)
+    and its own train state."""
+
+    def __init__(self, cfg: ModelConfig, remat: str, batch: int, seq: int):
+        model = init(cfg, seed=0, remat=remat)
+        graphdef, params = nnx.split(model.module)
+        tx, schedule = make_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=0), 1000)
+        self.state = init_state(params, tx, 0)
+        step = make_train_step(LMStrategy(chunk_tokens=2048), graphdef, tx, schedule)
+        rng = np.random.default_rng(0)
+        toks = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+        self.data = jax.device_put({
+            "inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((batch, seq), np.float32),
             "positions": np.broadcast_to(np.arange(seq), (batch, seq)).astype(np.int32),
-            "segment_ids": np.ones((batch, seq), np.int32)}
-    data = jax.device_put(data)
-    t = time.perf_counter()
-    state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t
-    times = []
-    for _ in range(steps):
+            "segment_ids": np.ones((batch, seq), np.int32)})
         t = time.perf_counter()
-        state, metrics = step(state, data)
+        self.compiled = step.lower(self.state, self.data).compile()
+        self.compile_s = time.perf_counter() - t
+        memory = self.compiled.memory_analysis()
+        self.temp_bytes = float(getattr(memory, "temp_size_in_bytes", float("nan")))
+        self.times: list[float] = []
+        self.step()  # warm-up
+
+    def step(self) -> float:
+        t = time.perf_counter()
+        self.state, metrics = self.compiled(self.state, self.data, None)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t)
-    step_s = min(times)
+        self.loss = float(metrics["loss"])
+        return time.perf_counter() - t
+
+
+def run(cfg: ModelConfig, remats: list[str], batch: int, seq: int, rounds: int, peak_n: int
+        ) -> tuple[float, dict[str, dict[str, float]]]:
+    """Round-robin timing: each round measures the matmul peak and one step of every variant, so
+    load from other processes on a shared machine affects them all alike; best times are kept."""
+    variants = {r: Variant(cfg, r, batch, seq) for r in remats}
+    peak = 0.0
+    for _ in range(rounds):
+        peak = max(peak, matmul_peak(peak_n, repeats=3))
+        for v in variants.values():
+            v.times.append(v.step())
     tokens = batch * seq
-    return {"compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens / step_s,
-            "flops_per_s": model_flops_per_token(cfg, seq) * tokens / step_s, "loss": float(metrics["loss"])}
+    rows = {}
+    for remat, v in variants.items():
+        step_s = min(v.times)
+        rows[remat] = {"compile_s": v.compile_s, "step_s": step_s, "tokens_per_s": tokens / step_s,
+                       "flops_per_s": model_flops_per_token(cfg, seq) * tokens / step_s,
+                       "temp_gib": v.temp_bytes / 2**30, "loss": v.loss}
+    return peak, rows
 
 
 def table(cfg: ModelConfig, args: argparse.Namespace, peak: float, rows: dict[str, dict[str, float]]) -> str:
@@ -103,15 +127,16 @@ def table(cfg: ModelConfig, args: argparse.Namespace, peak: float, rows: dict[st
         f"jobs while measured), JAX {jax.__version__}. Model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.num_attention_heads} heads / {KV_HEADS} KV heads, SwiGLU {FFN}, vocab {cfg.vocab_size}: "
         f"{cfg.num_params() / 1e6:.1f}M parameters, float32, batch {args.batch} x {args.seq} tokens, AdamW. "
-        f"Measured matmul peak ({args.peak_n}³ float32): {peak / 1e9:.1f} GFLOP/s. Step time is the best of "
-        f"{args.steps}.",
+        f"Measured matmul peak ({args.peak_n}³ float32, best over the run): {peak / 1e9:.1f} GFLOP/s. Timing is "
+        f"round-robin ({args.steps} rounds, each: the matmul peak, then one step of every remat option) and the "
+        "best step of each option is kept, so background load on the shared machine affects all rows alike.",
         "",
-        "| remat | step (s) | tokens/s | model GFLOP/s | % of matmul peak | compile (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| remat | step (s) | tokens/s | model GFLOP/s | % of matmul peak | step temp memory (GiB) | compile (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for remat, r in rows.items():
         lines.append(f"| {remat} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['flops_per_s'] / 1e9:.1f} | "
-                     f"{100 * r['flops_per_s'] / peak:.0f}% | {r['compile_s']:.0f} |")
+                     f"{100 * r['flops_per_s'] / peak:.0f}% | {r['temp_gib']:.2f} | {r['compile_s']:.0f} |")
     lines += ["", "Model FLOPs = 6·N·tokens + dense attention (see the script's docstring); recomputation by "
               "remat is not counted, so its cost appears as a lower percentage."]
     return "\n".join(lines) + "\n"
@@ -135,12 +160,9 @@ def main() -> None:
     p.add_argument("--update-docs", type=Path, default=None)
     args = p.parse_args()
     cfg = bench_config()
-    peak = matmul_peak(args.peak_n)
-    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s; model: {cfg.num_params() / 1e6:.1f}M params", file=sys.stderr)
-    rows = {}
-    for remat in args.remat.split(","):
-        rows[remat] = bench_remat(cfg, remat, args.batch, args.seq, args.steps)
-        print(f"{remat}: {rows[remat]}", file=sys.stderr)
+    print(f"model: {cfg.num_params() / 1e6:.1f}M params", file=sys.stderr)
+    peak, rows = run(cfg, args.remat.split(","), args.batch, args.seq, args.steps, args.peak_n)
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; {rows}", file=sys.stderr)
     section = table(cfg, args, peak, rows)
     print(section)
     if args.update_docs:

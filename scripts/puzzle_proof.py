@@ -59,14 +59,13 @@ def drop_last_candidates(pz: Puzzle) -> list[list[tuple[AttentionConfig, FFNConf
 
 
 def first_meeting(pz: Puzzle, candidates: list, target: float) -> tuple[list, dict]:
-    """The first candidate whose measured speed-up reaches `target` (predicted-hopeless ones skipped)."""
+    """The first candidate, in order, whose measured speed-up reaches `target` (every one is measured:
+    the cost table's predictions are too rough to skip any)."""
     parent = pz.library.parent
-    t_parent = costs.predicted_time(parent, pz.costs, pz.cfg.search.target)
     for choice in candidates:
         child = child_config(parent, choice)
-        if t_parent / costs.predicted_time(child, pz.costs, pz.cfg.search.target) < 0.85 * target:
-            continue
-        speed = costs.measured_speedup(parent, child, pz.cfg.search.target, pz.cfg.costs)
+        speed = costs.measured_speedup(parent, child, pz.cfg.search.target, pz.cfg.costs,
+                                       rounds=3 * pz.cfg.costs.rounds)
         log(f"  {', '.join(describe(choice))}: measured {speed['speedup']:.2f}x")
         if speed["speedup"] >= target:
             return choice, speed
@@ -88,7 +87,7 @@ def baseline(pz: Puzzle, name: str, candidates: list, target: float) -> dict:
     result = {"architecture": describe(choice), "params": child.config.num_params(), "selection_speed": first_speed,
               "config": child.config.to_dict(),
               "speed": costs.measured_speedup(pz.library.parent, child.config, pz.cfg.search.target, pz.cfg.costs,
-                                              rounds=2 * pz.cfg.costs.rounds),
+                                              rounds=3 * pz.cfg.costs.rounds),
               "before_kd": evaluate(nj.load(assembled), pz.eval_batches, pz.parent),
               "after_kd": evaluate(child, pz.eval_batches, pz.parent)}
     write_json(done, result)
@@ -141,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     puzzle = results["puzzle"]["after_kd"]
     others = [r["after_kd"] for k, r in results.items() if k != "puzzle"]
     checks = {"measured speed-up >= target": summary["measured_speedup"] >= cfg.search.speedup,
+              "every baseline meets the budget when re-measured": all(
+                  r["speed"]["speedup"] >= cfg.search.speedup for r in results.values()),
               "keeps >= 95% of the parent's accuracy and likelihood": min(summary["retained"].values()) >= 0.95,
               "lowest KL to the parent of all children": all(puzzle["kl"] < o["kl"] for o in others),
               "highest likelihood of all children": all(puzzle["likelihood"] > o["likelihood"] for o in others)}
@@ -155,12 +156,14 @@ def write_docs(docs: Path, args: argparse.Namespace, cfg, pz: Puzzle, summary: d
                parent_q: dict, fused: dict | None, minutes: float) -> None:
     parent_arch = describe([(b.attention, b.ffn) for b in pz.library.parent.blocks])
     rows = [{"model": "parent", "architecture": "; ".join(parent_arch),
-             "params": summary["parent_params"], "measured decode speed-up": 1.0, "acc before KD": parent_q["accuracy"],
+             "params": summary["parent_params"], "measured decode speed-up": 1.0, "meets budget": "-",
+             "acc before KD": parent_q["accuracy"],
              "acc after KD": parent_q["accuracy"], "likelihood": parent_q["likelihood"], "KL to parent": 0.0,
              "acc retained": "100%", "likelihood retained": "100%"}]
     for name, r in results.items():
         rows.append({"model": name, "architecture": "; ".join(r["architecture"]), "params": r["params"],
                      "measured decode speed-up": round(r["speed"]["speedup"], 3),
+                     "meets budget": "yes" if r["speed"]["speedup"] >= cfg.search.speedup else "NO",
                      "acc before KD": r["before_kd"]["accuracy"], "acc after KD": r["after_kd"]["accuracy"],
                      "likelihood": r["after_kd"]["likelihood"], "KL to parent": r["after_kd"]["kl"],
                      "acc retained": f"{100 * r['after_kd']['accuracy'] / parent_q['accuracy']:.1f}%",
@@ -181,9 +184,10 @@ def write_docs(docs: Path, args: argparse.Namespace, cfg, pz: Puzzle, summary: d
     lines = [
         "# Puzzle on a tiny Llama (CPU proof)", "",
         "Produced by", "", "```",
-        f"{sys.executable.split('/work/main/')[-1]} scripts/puzzle_proof.py --output-dir {args.output_dir} "
-        + " ".join(args.overrides), "```", "",
-        f"({minutes:.1f} min on a shared 2-core {pz.costs['device_kind']}.) The pipeline alone is "
+        " ".join([sys.executable.split("/work/main/")[-1], "scripts/puzzle_proof.py", "--output-dir", args.output_dir,
+                  *args.overrides]), "```", "",
+        f"({minutes:.1f} min for this invocation on a shared 2-core {pz.costs['device_kind']}; stages already "
+        "present in the output directory are reused.) The pipeline alone is "
         f"`nemotron-jax puzzle run configs/puzzle/tiny.yaml output_dir=D`; see `nemotron_jax/puzzle/`.", "",
         "Parent: a Llama with "
         f"{pz.library.parent.num_layers} layers, hidden {pz.library.parent.hidden_size}, "
@@ -198,7 +202,9 @@ def write_docs(docs: Path, args: argparse.Namespace, cfg, pz: Puzzle, summary: d
         "below about ±0.01 are noise; KL to the parent and likelihood are the sensitive measures.", "",
         "Baselines: *uniform* = the same narrower FFN in every layer (then fewer KV heads when width alone "
         "cannot reach the budget); *drop-last* = attention removed from the last layers (then whole last "
-        "layers). Each is the first of its family, in that order, whose measured speed-up reaches the target.", "",
+        "layers). Each is the first of its family, in that order, whose measured speed-up reaches the target "
+        f"({cfg.search.speedup}x plus the search's {cfg.search.margin:.0%} margin, median of "
+        f"{3 * cfg.costs.rounds} paired rounds); the table's speed-ups are independent re-measurements.", "",
         "## Search", "", table(sol_rows, markdown=True), "",
         "## Replace-one-block scores (KL, after BLD)", "", table(score_rows, markdown=True), "",
         "## Measured costs per subblock", "", table(cost_rows, markdown=True), "",

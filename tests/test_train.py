@@ -48,7 +48,7 @@ def test_bad_recipe_keys_and_types_are_named(tmp_path):
     bad.write_text("kind: sft\nsteps: ten\n")
     with pytest.raises(ConfigError, match=r"steps: expected int, got 'ten'"):
         load_recipe(bad)
-    with pytest.raises(ConfigError, match=r"kind: expected one of 'kd', 'cpt', 'sft', 'lm', got 'rl'"):
+    with pytest.raises(ConfigError, match=r"kind: expected one of 'kd', 'cpt', 'sft', 'lm'.*, got 'rl'"):
         load_recipe(None, ["kind=rl"])
     with pytest.raises(ConfigError, match=r"mesh\.tensor: expected int"):
         load_recipe(None, ["mesh.tensor=two"])
@@ -214,7 +214,8 @@ def test_kd_lowers_held_out_kl(tmp_path):
 def test_repeated_nonfinite_steps_stop_with_a_clear_message(tmp_path):
     nj.init("tiny-llama", seed=1).save(tmp_path / "start")  # model.source may be a saved model directory
     recipe = load_recipe(ROOT / "configs" / "recipes" / "sft-tiny.yaml", [
-        f"output_dir={tmp_path}/run", f"model.source={tmp_path / 'start'}", "data.path=", "data.synthetic_examples=32", "data.eval_examples=0",
+        f"output_dir={tmp_path}/run", f"model.source={tmp_path / 'start'}", "data.path=",
+        "data.synthetic_examples=32", "data.eval_examples=0",
         "data.seq_len=128", "steps=20", "checkpoint_every=1", "log_every=1", "max_nonfinite_steps=3",
         "optimizer.lr=1e30", "optimizer.clip_norm=null", "optimizer.warmup_steps=0", "model.scan_layers=false",
         *FAST])
@@ -248,8 +249,7 @@ def _losses(out: Path) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 def test_sigkill_and_restart_gives_identical_run(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jit"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one device; compile cache from conftest
     reference, resumed = tmp_path / "ref", tmp_path / "resumed"
     subprocess.run(_train_cmd(reference), env=env, check=True, capture_output=True, cwd=tmp_path)
     proc = subprocess.Popen(_train_cmd(resumed), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,

@@ -16,8 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from nemotron_jax.distributed import initialize
     from nemotron_jax.train import load_recipe, run_recipe
 
+    initialize()  # joins a multi-host job when NEMOTRON_JAX_COORDINATOR (or the cluster) says so
     recipe = load_recipe(args.recipe, args.overrides)
     result = run_recipe(recipe)
     summary = {k: round(v, 4) for k, v in {**result.last_metrics, **result.eval_metrics}.items()

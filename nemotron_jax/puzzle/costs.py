@@ -116,11 +116,6 @@ def cached_timer(cfg: ModelConfig, mode: str, c: CostConfig) -> Callable[[], flo
     return timer(random_model(cfg, c.dtype), mode, c)
 
 
-def time_configs(cfgs: list[ModelConfig], mode: str, c: CostConfig, rounds: int | None = None) -> list[float]:
-    """Seconds per call (decode: per token) of each whole model, measured interleaved."""
-    return measure([cached_timer(cfg, mode, c) for cfg in cfgs], rounds or c.rounds)
-
-
 # ---------------------------------------------------------------- analytic fallback
 def analytic_time(cfg: ModelConfig, variant: sb.Variant | None, mode: str, c: CostConfig) -> float:
     """Roofline estimate of one subblock (None: embeddings + head) in seconds."""

@@ -112,6 +112,7 @@ def make_train_step(strategy: Strategy, graphdef: nnx.GraphDef, tx: optax.Gradie
         with use_layout(layout):
             return jitted(state, batch, teacher_params)
 
+    train_step.lower = lambda state, batch: jitted.lower(state, batch, teacher_params)  # for AOT / inspection
     return train_step
 
 
