@@ -8,17 +8,13 @@ are `key=value` with dotted keys (`output_dir=D`, `search.speedup=2`), values pa
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from nemotron_jax.data.pipeline import DataConfig
 from nemotron_jax.errors import ConfigError
-from nemotron_jax.train.config import apply_overrides
+from nemotron_jax.typed_yaml import load_yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,77 +179,9 @@ class PuzzleConfig:
                 "multiples of 256 (ffn_mult); use a multiple of 256 or output.child_format=native")
 
 
-# ---------------------------------------------------------------- loading and validation
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """`cls(**data)` with every key checked against the dataclass fields and their types."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise ConfigError(f"unknown key {where}{unknown[0]!s}; expected one of {', '.join(names)}")
-    return cls(**{k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()})
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, f"{key}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _coerce(option, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}")
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is float and not isinstance(value, bool):
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML reads `1e-5` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    if tp is str and isinstance(value, str):
-        return value
-    if tp not in (bool, int, float, str):
-        raise ConfigError(f"{key}: unsupported field type {tp}")
-    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
-
-
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PuzzleConfig:
     """A validated `PuzzleConfig` from a YAML file (or defaults when None) plus overrides."""
-    data: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such puzzle config file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a puzzle config must be a mapping of keys to values")
-    cfg = from_dict(PuzzleConfig, apply_overrides(data, overrides))
+    cfg = load_yaml(PuzzleConfig, path, overrides, what="puzzle config")
     cfg.validate()
     return cfg
 

@@ -1,4 +1,4 @@
-"""Configuration of the RL and preference recipes (typed, validated by `train.config.from_dict`)."""
+"""Configuration of the RL and preference recipes (typed, validated by `typed_yaml.from_dict`)."""
 
 from __future__ import annotations
 

@@ -7,9 +7,7 @@ and what was expected, so that a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +18,7 @@ from nemotron_jax.errors import ConfigError
 from nemotron_jax.rl.config import DPOConfig, GRPOConfig, PromptConfig, SamplingConfig, StartConfig
 from nemotron_jax.sharding import MeshConfig
 from nemotron_jax.train.optim import OptimizerConfig
+from nemotron_jax.typed_yaml import load_yaml
 
 Kind = Literal["kd", "cpt", "sft", "lm", "grpo", "dpo"]
 Dtype = Literal["float32", "bfloat16"]
@@ -115,93 +114,9 @@ class Recipe:
             raise ConfigError(f"kd.temperature must be > 0, got {self.kd.temperature}")
 
 
-# ---------------------------------------------------------------- loading and validation
-def from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
-    """`cls(**data)` with every key checked against the dataclass fields and their types."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise ConfigError(f"unknown key {where}{unknown[0]!s}; expected one of {', '.join(names)}")
-    return cls(**{k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()})
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, f"{key}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(option, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}")
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads `1e-5` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise ConfigError(f"{key}: unsupported field type {tp}")
-    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides (values parsed as YAML) to a nested dict, in order."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optimizer.lr=1e-5")
-        node = data
-        parts = key.strip().split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
-            node = child
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            node[parts[-1]] = raw
-    return data
-
-
 def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recipe:
     """A validated `Recipe` from a YAML file (or defaults when None) plus overrides."""
-    data: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such recipe file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
-    recipe = from_dict(Recipe, apply_overrides(data, overrides))
+    recipe = load_yaml(Recipe, path, overrides, what="recipe")
     recipe.validate()
     return recipe
 
