@@ -62,7 +62,7 @@ def convert(args: argparse.Namespace) -> None:
 
     src = Path(args.src)
     to_hf = (src / SAVED_CONFIG).is_file()
-    dtype = args.dtype or _checkpoint_dtype(src, to_hf)
+    dtype = args.dtype or _checkpoint_dtype(src)
     model = load(src, dtype=dtype)
     if to_hf:
         model.save_hf(args.dst, format=args.format)
@@ -72,11 +72,9 @@ def convert(args: argparse.Namespace) -> None:
           f"{model.config.num_params():,} params)")
 
 
-def _checkpoint_dtype(src: Path, saved: bool) -> str:
-    if saved:
-        return "float32" if resolve_config(src).torch_dtype == "float32" else "bfloat16"
-    cfg = ModelConfig.from_hf(src)
-    return "float32" if cfg.torch_dtype == "float32" else "bfloat16"
+def _checkpoint_dtype(src: Path) -> str:
+    """The dtype the checkpoint was written in (anything but float32 loads as bfloat16)."""
+    return "float32" if resolve_config(src).torch_dtype == "float32" else "bfloat16"
 
 
 def demo(args: argparse.Namespace) -> None:

@@ -100,6 +100,11 @@ def pack(examples: Sequence[Example], seq_len: int, rows_seed: int | None = None
     return rows, stats
 
 
+def empty_row(seq_len: int) -> Row:
+    """A row of padding only (segment id 0, zero weight): fills out a short final batch."""
+    return _fill(seq_len, [])
+
+
 def _fill(seq_len: int, pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Row:
     row = {name: np.zeros(seq_len, np.float32 if name == "weights" else np.int32) for name in ROW_FIELDS}
     start = 0

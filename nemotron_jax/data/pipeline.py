@@ -22,7 +22,7 @@ import numpy as np
 
 from nemotron_jax.data import synthetic
 from nemotron_jax.data.examples import ExampleFormat, Kind, Reasoning, checker, make_example
-from nemotron_jax.data.packing import ROW_FIELDS, PackedDataset, PackStats, Row, pack
+from nemotron_jax.data.packing import ROW_FIELDS, PackedDataset, PackStats, empty_row, pack
 from nemotron_jax.data.sources import DataError, open_source, skip_summary
 from nemotron_jax.tokenizer import Tokenizer
 
@@ -122,7 +122,7 @@ class DataPipeline:
         batches = []
         for start in range(0, len(rows), self.rows):
             chunk = rows[start:start + self.rows]
-            chunk += [_empty_row(self.cfg.seq_len) for _ in range(self.rows - len(chunk))]
+            chunk += [empty_row(self.cfg.seq_len) for _ in range(self.rows - len(chunk))]
             batches.append({k: np.stack([r[k] for r in chunk]) for k in ROW_FIELDS})
         return batches[:max_batches] if max_batches else batches
 
@@ -131,5 +131,3 @@ class DataPipeline:
         return PackStats(**iterator.get_state()["stats"])
 
 
-def _empty_row(seq_len: int) -> Row:
-    return {k: np.zeros(seq_len, np.float32 if k == "weights" else np.int32) for k in ROW_FIELDS}

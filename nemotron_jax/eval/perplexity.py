@@ -14,7 +14,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from nemotron_jax.data.examples import ExampleFormat, make_example
-from nemotron_jax.data.packing import pack
+from nemotron_jax.data.packing import empty_row, pack
 from nemotron_jax.model import Model
 from nemotron_jax.sharding import use_layout
 from nemotron_jax.tokenizer import Tokenizer
@@ -42,7 +42,7 @@ def evaluate_loss(model: Model, tokenizer: Tokenizer, records: Sequence[dict[str
     total = count = 0.0
     for i in tqdm(range(0, len(rows), batch_size), desc="eval loss", unit="batch", disable=not progress):
         chunk = rows[i:i + batch_size]
-        chunk = chunk + [_blank(seq_len)] * (batch_size - len(chunk))  # one compiled shape
+        chunk = chunk + [empty_row(seq_len)] * (batch_size - len(chunk))  # one compiled shape
         batch = {k: jnp.asarray(np.stack([r[k] for r in chunk])) for k in chunk[0]}
         with use_layout(model.layout):
             s, c = _nll_sum(graphdef, state, batch)
@@ -50,8 +50,3 @@ def evaluate_loss(model: Model, tokenizer: Tokenizer, records: Sequence[dict[str
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count)}
 
-
-def _blank(seq_len: int) -> dict[str, np.ndarray]:
-    zeros = np.zeros(seq_len, np.int32)
-    return {"inputs": zeros, "targets": zeros, "weights": np.zeros(seq_len, np.float32), "positions": zeros,
-            "segment_ids": zeros}
