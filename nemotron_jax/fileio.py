@@ -14,19 +14,41 @@ from nemotron_jax.errors import CheckpointError
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to `path` only if the block succeeds."""
+    """Yield a temporary sibling directory; rename it to `path` only if the block succeeds.
+
+    In a multi-process job every process must enter together (as for an Orbax save): they share
+    one temporary directory, and process 0 renames it once all of them have finished writing."""
+    import jax
+
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CheckpointError(f"{path}: output exists and is not an empty directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
+    multi, primary = jax.process_count() > 1, jax.process_index() == 0
+    if multi:
+        from jax.experimental import multihost_utils
+
+        sync = multihost_utils.sync_global_devices
+        tmp = path.parent / f".{path.name}.tmp"
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        sync(f"atomic_dir start {path}")
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
+        if multi:
+            sync(f"atomic_dir written {path}")
+        if primary:
+            if path.exists():
+                path.rmdir()
+            os.replace(tmp, path)
+        if multi:
+            sync(f"atomic_dir renamed {path}")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -88,6 +88,25 @@ def format(response: str, thinking: bool) -> float:  # shadows the builtin: the 
 RewardFn = Callable[..., float]  # fn(response=..., answer=..., thinking=..., prompt=..., example=...)
 
 
+def load_reward(spec: str) -> RewardFn:
+    """A user reward function named `package.module:function` (importable from the working directory)."""
+    import importlib
+    import sys
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward {spec!r}: expected 'module:function', e.g. my_rewards:verifier")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward {spec!r}: cannot import it ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: {attr} is not callable")
+    return fn
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardResult:
     scores: list[float]

@@ -62,6 +62,12 @@ class Layout:
     def sharding(self, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(logical_axes, shape))
 
+    @property
+    def batch_shards(self) -> int:
+        """How many ways the batch dimension is split: global batches must be a multiple of this."""
+        axes = dict(self.rules).get("batch") or ()
+        return math.prod(self.mesh.shape.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:

@@ -26,6 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from nemotron_jax.fileio import atomic_write_text
 from nemotron_jax.sampling.think import ThinkTokens
 
 BOS, EOT, HEADER_START, HEADER_END = "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"
@@ -89,6 +90,13 @@ class Tokenizer:
     def tiny(cls) -> Tokenizer:
         """The 512-token byte-level BPE of the tiny presets (`scripts/make_tiny_tokenizer.py`)."""
         return cls.from_file("tiny")
+
+    def save(self, directory: str | Path) -> None:
+        """tokenizer.json and tokenizer_config.json into `directory` (beside an exported checkpoint)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(self.config, indent=2) + "\n")
+        atomic_write_text(directory / "tokenizer.json", self.backend.to_str())
 
     # ---------------------------------------------------------------- basics
     @property

@@ -231,3 +231,24 @@ def test_host_shards_are_disjoint_and_eval_is_held_out(tok, gsm_file):
     assert eval_batches and eval_batches[0]["inputs"].shape == (2, 256)
     with pytest.raises(DataError, match="leaves no training records"):
         DataPipeline(DataConfig(path=str(gsm_file), eval_examples=40), tok, seed=0)
+
+
+def test_synthetic_tasks_hold_out_a_test_split_and_sloppy_teachers_err_only_at_the_end():
+    from nemotron_jax import rewards
+    from nemotron_jax.data import arith
+
+    for make in (arith.arith_records, arith.chain_records):
+        train = {r["question"] for r in make(3000, seed=0)}
+        test = {r["question"] for r in make(200, seed=1, split="test")}
+        assert train and test and not train & test
+    sloppy = arith.sloppy_chain_records(600, seed=2)
+    wrong = {"on": [], "off": []}
+    for r in sloppy:
+        xs = [int(x) for x in r["question"][len("What is "):-1].split(" + ")]
+        steps = r["answer"].split("####")[0].strip().splitlines()
+        assert steps == [f"{sum(xs[:i + 1])} + {xs[i + 1]} = {sum(xs[:i + 2])}" for i in range(len(xs) - 1)]
+        final = int(rewards.ground_truth(r["answer"]))
+        assert final in (sum(xs), xs[0] + xs[1])  # the right total, or the habit: the first running sum
+        wrong[r["reasoning"]].append(final != sum(xs))
+    assert not any(wrong["off"])  # the teacher errs only when it thinks
+    assert 0.45 < sum(wrong["on"]) / len(wrong["on"]) < 0.7  # 60 %, less chains whose first sum is the total

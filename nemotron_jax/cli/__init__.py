@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "nemotron_jax.cli.eval_commands",
     "nemotron_jax.cli.generate_commands",
     "nemotron_jax.cli.model_commands",
+    "nemotron_jax.cli.pipeline_commands",
     "nemotron_jax.cli.plan_commands",
     "nemotron_jax.cli.puzzle_commands",
     "nemotron_jax.cli.train_commands",

@@ -34,8 +34,9 @@ class DataConfig:
     """Where the data is and how it becomes batches of packed rows.
 
     `path`: files/globs (.jsonl/.json/.parquet, comma-separated) or `tfds:NAME:SPLIT`, relative
-    to the working directory. `synthetic` (`text` / `gsm8k`): when `path` is empty or does not
-    exist, generate `synthetic_examples` records under `{output_dir}/data/` and use those.
+    to the working directory. `synthetic` (`text`, `gsm8k`, `arith`, ...: `data.synthetic.GENERATORS`):
+    when `path` is empty or does not exist, generate `synthetic_examples` records under
+    `{output_dir}/data/` and use those.
     `batch_size` is the global number of rows per step; `max_examples` keeps only the first N
     training records (a small slice).
     """
@@ -53,7 +54,7 @@ class DataConfig:
     pack_window: int = 256
     shuffle: bool = True
     on_error: Literal["raise", "skip"] = "raise"
-    synthetic: Literal["none", "text", "gsm8k", "arith"] = "none"
+    synthetic: str = "none"  # "none" or a name in nemotron_jax.data.synthetic.GENERATORS
     synthetic_examples: int = 512
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,9 @@ def gsm8k_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 GENERATORS = {"text": text_records, "gsm8k": gsm8k_records, "arith": arith.arith_records,
-              "pairs": arith.pair_records}
+              "arith_sloppy": arith.sloppy_records, "chain": arith.chain_records,
+              "chain_sloppy": arith.sloppy_chain_records, "chain4": partial(arith.chain_records, terms=4),
+              "chain4_sloppy": partial(arith.sloppy_chain_records, terms=4), "pairs": arith.pair_records}
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:

@@ -49,3 +49,46 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> N
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def read_metrics(path: str | Path, key: str = "accuracy") -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl that carry `key`."""
+    import json
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in rows if key in r]
+
+
+def quarter_means(rows: Sequence[dict[str, Any]], key: str = "accuracy") -> tuple[float, float]:
+    """Mean of `key` over the first and the last quarter of the rows (the GRPO learning check)."""
+    q = max(1, len(rows) // 4)
+    mean = lambda rs: sum(r[key] for r in rs) / len(rs)
+    return mean(rows[:q]), mean(rows[-q:])
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "", window: int = 10) -> None:
+    """RL curves per iteration (raw and a `window`-iteration moving average): accuracy per mode,
+    reward, format compliance per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = (("accuracy", "accuracy_on", "accuracy_off"), ("reward_mean",), ("format_rate_on", "format_rate_off"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.8))
+    for ax, keys in zip(axes, panels, strict=True):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if not pts:
+                continue
+            x, y = np.asarray(pts, dtype=float).T
+            line, = ax.plot(x, y, alpha=0.25)
+            smooth = np.convolve(y, np.ones(window) / window, mode="valid") if len(y) >= window else y
+            ax.plot(x[len(x) - len(smooth):], smooth, color=line.get_color(), label=key)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -83,7 +83,8 @@ class Model:
     def save(self, path: str | Path) -> None:
         """Orbax parameters plus `model_config.json`, written to a temp dir and renamed into place."""
         with atomic_dir(path) as tmp:
-            (tmp / SAVED_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            if jax.process_index() == 0:
+                (tmp / SAVED_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             save_params(tmp / "params", flat_params(self.module))
 
     def save_hf(self, path: str | Path, format: Literal["decilm", "llama"] = "decilm") -> None:

@@ -31,6 +31,7 @@ class SamplingConfig:
     top_p: float = 1.0
     max_thinking_tokens: int | None = None
     format_weight: float = 1.0  # reward = accuracy + format_weight * format
+    reward: str = ""            # or a user function "module:function" (response, answer, thinking, prompt) -> float
     reward_timeout_s: float = 10.0
     rollout_mesh: MeshConfig | None = None  # generate on another layout (weights resharded in memory)
 
@@ -47,6 +48,7 @@ class GRPOConfig:
     aggregation: Literal["token", "sequence"] = "token"
     advantage: Literal["grpo", "rloo"] = "grpo"
     normalize_std: bool = True
+    skip_flat_groups: bool = True  # drop groups with all-equal rewards from the update (no gradient without KL)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,13 +16,16 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from nemotron_jax import rewards
 from nemotron_jax.model.model import Model
 from nemotron_jax.rl.config import GRPOConfig, PromptConfig, SamplingConfig
 from nemotron_jax.rl.loop import run_policy_loop
 from nemotron_jax.rl.prompts import PromptSchedule, load_prompts, measure_pass_rates
 from nemotron_jax.rl.rollout import (
     advantages_for,
+    bucket,
     default_reward,
+    informative_rows,
     policy_batch,
     reshard_params,
     rollout,
@@ -43,6 +46,8 @@ class RolloutSource:
         self.tokenizer, self.sampling, self.seed = tokenizer, sampling, recipe.seed
         self.rollout_layout: Layout | None = (sampling.rollout_mesh.layout() if sampling.rollout_mesh is not None
                                               else model.layout)
+        self.reward_fn = (rewards.load_reward(sampling.reward) if sampling.reward
+                          else partial(default_reward, format_weight=sampling.format_weight))
         out = Path(recipe.output_dir)
         prompts = load_prompts(prompts_cfg, recipe.seed, out)
         rates = None
@@ -61,7 +66,7 @@ class RolloutSource:
             params = reshard_params(params, self.graphdef, self.rollout_layout)
         return rollout(self.graphdef, params, self.tokenizer, prompts, group or s.group_size, s.max_new_tokens,
                        temperature=s.temperature, top_p=s.top_p, seed=seed,
-                       reward_fn=partial(default_reward, format_weight=s.format_weight),
+                       reward_fn=self.reward_fn,
                        reward_timeout_s=s.reward_timeout_s, layout=self.rollout_layout,
                        max_thinking_tokens=s.max_thinking_tokens)
 
@@ -76,10 +81,23 @@ def run_grpo(recipe: Any, model: Model, tokenizer: Tokenizer, cfg: GRPOConfig,
              sampling: SamplingConfig, prompts: PromptConfig) -> TrainResult:
     source = RolloutSource(recipe, model, tokenizer, sampling, prompts, cfg.prompts_per_iteration)
 
-    def produce(i: int, params: nnx.State) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def produce(i: int, params: nnx.State) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
         r = source.iteration(i, params)
-        batch = policy_batch(r, advantages_for(r, cfg.advantage, cfg.normalize_std), cfg.aggregation)
-        return batch, rollout_metrics(r)
+        metrics = rollout_metrics(r)
+        total = len(r.responses)
+        rows = informative_rows(r) if cfg.skip_flat_groups and cfg.kl_coef == 0 else list(range(total))
+        metrics["update_fraction"] = len(rows) / total
+        if not rows:
+            return None, metrics
+        # Few shapes, few compilations: one sequence bucket for the longest possible row, and a
+        # power-of-two row count of at least a quarter of the rollout.
+        seq_len = bucket(max(len(p) for p in r.prompt_ids) + sampling.max_new_tokens - 1)
+        num_rows = min(total, max(total // 4, 1 << (len(rows) - 1).bit_length()))
+        shards = model.layout.batch_shards if model.layout is not None else 1
+        num_rows = -(-num_rows // shards) * shards  # rows split evenly over the mesh
+        batch = policy_batch(r, advantages_for(r, cfg.advantage, cfg.normalize_std), cfg.aggregation,
+                             seq_len=seq_len, rows=rows, num_rows=num_rows)
+        return batch, metrics
 
     strategy = GRPOStrategy(cfg.clip_low, cfg.clip_high, cfg.kl_coef, cfg.aggregation, recipe.loss_chunk_tokens)
     return run_policy_loop(recipe, model, strategy, produce, cfg.updates_per_iteration, desc=cfg.advantage)

@@ -98,18 +98,32 @@ def bucket(n: int, multiple: int = 64) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def informative_rows(r: Rollout) -> list[int]:
+    """Rows of the groups whose rewards differ. A group with all-equal rewards has zero advantage
+    everywhere and, without a KL term, contributes no gradient (DAPO's dynamic sampling drops it)."""
+    group = r.rewards.shape[1]
+    keep = np.flatnonzero(np.ptp(r.rewards, axis=1) > 0)
+    return [int(p) * group + g for p in keep for g in range(group)]
+
+
 def policy_batch(r: Rollout, advantages_PxG: np.ndarray, aggregation: Aggregation,
-                 seq_len: int | None = None) -> dict[str, np.ndarray]:
-    """Rows prompt+response; targets weighted on response tokens only; old log-probs aligned to them."""
-    lengths = [len(p) + len(s) for p, s in zip(r.prompt_ids, r.responses, strict=True)]
-    t = seq_len or bucket(max(lengths) - 1)
-    b = len(lengths)
+                 seq_len: int | None = None, rows: Sequence[int] | None = None,
+                 num_rows: int | None = None) -> dict[str, np.ndarray]:
+    """Rows prompt+response; targets weighted on response tokens only; old log-probs aligned to them.
+
+    `rows` selects a subset of the rollout's rows; `num_rows` pads the batch with weightless rows
+    to a fixed count (with a fixed `seq_len`, one compiled update serves every iteration)."""
+    rows = list(range(len(r.responses))) if rows is None else list(rows)
+    lengths = [len(r.prompt_ids[i]) + len(r.responses[i]) for i in rows]
+    t = seq_len or bucket(max(lengths, default=2) - 1)
+    b = max(len(rows), num_rows or 0)
     inputs, targets = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
     mask, old = np.zeros((b, t), np.float32), np.zeros((b, t), np.float32)
     adv = np.zeros((b, t), np.float32)
     segment = np.zeros((b, t), np.int32)
     flat_adv = advantages_PxG.reshape(-1)
-    for i, (prompt, response, logprobs) in enumerate(zip(r.prompt_ids, r.responses, r.logprobs, strict=True)):
+    for i, row in enumerate(rows):
+        prompt, response, logprobs = r.prompt_ids[row], r.responses[row], r.logprobs[row]
         seq = np.asarray(prompt + response, np.int32)[: t + 1]
         n = len(seq) - 1
         inputs[i, :n], targets[i, :n], segment[i, :n] = seq[:-1], seq[1:], 1
@@ -117,7 +131,7 @@ def policy_batch(r: Rollout, advantages_PxG: np.ndarray, aggregation: Aggregatio
         k = max(0, min(len(response), n - first))
         mask[i, first:first + k] = 1.0
         old[i, first:first + k] = logprobs[:k]
-        adv[i, first:first + k] = flat_adv[i]
+        adv[i, first:first + k] = flat_adv[row]
     weights = np.asarray(aggregation_weights(jnp.asarray(mask), aggregation))
     return {"inputs": inputs, "targets": targets, "positions": np.broadcast_to(np.arange(t), (b, t)).copy(),
             "segment_ids": segment, "weights": weights, "old_logprobs": old, "advantages": adv}

@@ -215,10 +215,17 @@ def train(recipe: Recipe, model: Model, strategy: Strategy, pipeline: DataPipeli
 def _save_model(model: Model, path: Path) -> None:
     """Save beside `path`, then swap it in, so an interrupted save never loses the previous model."""
     staging = path.with_name(f".{path.name}.new")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save(staging)
-    shutil.rmtree(path, ignore_errors=True)
-    staging.rename(path)
+    primary = jax.process_index() == 0
+    if primary:
+        shutil.rmtree(staging, ignore_errors=True)
+    model.save(staging)  # every process writes its shards (synchronised inside)
+    if primary:
+        shutil.rmtree(path, ignore_errors=True)
+        staging.rename(path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"saved {path}")
 
 
 def _check_finite(step: int, metrics: Any, recipe: Recipe, checkpoints: RunCheckpoints) -> None:

@@ -77,6 +77,10 @@ def run_recipe(recipe: Recipe) -> TrainResult:
 
         return run_rl_recipe(recipe)
     layout = recipe.mesh.layout()
+    if recipe.data.batch_size % layout.batch_shards:
+        raise ConfigError(f"data.batch_size {recipe.data.batch_size} must be a multiple of {layout.batch_shards}, the "
+                          f"number of ways the mesh {dict(layout.mesh.shape)} splits the batch (change the batch "
+                          "size or mesh.data / mesh.fsdp)")
     tokenizer = Tokenizer.from_file(recipe.data.tokenizer)
     pipeline = DataPipeline(recipe.data, tokenizer, recipe.seed, resolve_path(recipe.data, recipe.output_dir))
     model = build_model(recipe.model, recipe.seed, layout)
