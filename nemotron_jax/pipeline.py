@@ -44,8 +44,8 @@ class StageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation: `data` is `synthetic:chain` or `synthetic:arith` (problems never
-    generated for training) or a JSONL of {question, answer} (GSM8K format works as is)."""
+    """Held-out evaluation: `data` is `synthetic:chain`, `synthetic:chain4` or `synthetic:arith`
+    (problems never generated for training) or a JSONL of {question, answer} (GSM8K works as is)."""
 
     data: str = "synthetic:chain"
     examples: int = 128
@@ -129,11 +129,14 @@ class Pipeline:
 
     def eval_records(self) -> list[dict[str, Any]]:
         e = self.cfg.eval
-        if e.data in ("synthetic:arith", "synthetic:chain"):
-            from nemotron_jax.data import arith
+        if e.data.startswith("synthetic:"):
+            from nemotron_jax.data.synthetic import GENERATORS
 
-            make = arith.arith_records if e.data == "synthetic:arith" else arith.chain_records
-            return make(e.examples, seed=e.seed, split="test")
+            name = e.data.split(":", 1)[1]
+            if name not in ("arith", "chain", "chain4"):
+                raise ConfigError(f"eval.data {e.data}: expected synthetic:arith, synthetic:chain or synthetic:chain4 "
+                                  "(tasks with a held-out split), or a JSONL path")
+            return GENERATORS[name](e.examples, seed=e.seed, split="test")
         from nemotron_jax.data.sources import open_source
 
         source = open_source(e.data)
