@@ -75,3 +75,14 @@ def test_user_reward_that_raises_or_hangs_scores_zero():
     assert result.scores == [1.0, 0.0, 0.0, 1.0]
     assert result.errors[0] is None and "verifier crashed" in result.errors[1]
     assert "timed out" in result.errors[2]
+
+
+def test_load_reward_names_a_user_function_and_rejects_bad_names(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text("def short(response, **_):\n    return float(len(response) < 10)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = rewards.load_reward("my_rewards:short")
+    assert fn(response="ok", answer="", thinking=False) == 1.0
+    for spec, match in (("my_rewards", "module:function"), ("my_rewards:missing", "cannot import"),
+                        ("no_such_module_xyz:f", "cannot import")):
+        with pytest.raises(ValueError, match=match):
+            rewards.load_reward(spec)

@@ -1,5 +1,6 @@
 """Rollouts, batches, prompt schedules and preference pairs of the RL recipes."""
 
+import dataclasses
 import time
 
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import nemotron_jax as nj
 from nemotron_jax.rl.config import PromptConfig
 from nemotron_jax.rl.preference import encode_pair, pair_batch
 from nemotron_jax.rl.prompts import PromptSchedule
-from nemotron_jax.rl.rollout import Prompt, advantages_for, policy_batch, rollout
+from nemotron_jax.rl.rollout import Prompt, advantages_for, informative_rows, policy_batch, rollout
 from nemotron_jax.rl.strategies import token_logprobs
 
 PROMPTS = [Prompt("What is 2 + 3?", "#### 5", True), Prompt("What is 4 + 4?", "#### 8", False)]
@@ -89,3 +90,16 @@ def test_pair_batch_interleaves_and_weights_each_pair_once(tokenizer):
     rejected = tokenizer.decode(batch["targets"][1][batch["response_mask"][1] > 0])
     assert chosen.startswith("5") and rejected.startswith("The answer is 7.")
     assert batch["reward_gap"][0, 0] == pytest.approx(1.5)
+
+
+def test_policy_batch_keeps_informative_groups_and_pads_with_weightless_rows(sampled):
+    r = dataclasses.replace(sampled, rewards=np.asarray([[1.0, 1.0, 1.0], [0.0, 1.0, 0.5]], np.float32))
+    rows = informative_rows(r)
+    assert rows == [3, 4, 5]  # the first group's rewards are all equal: no signal
+    adv = np.arange(6, dtype=np.float32).reshape(2, 3) + 1.0
+    batch = policy_batch(r, adv, "sequence", seq_len=64, rows=rows, num_rows=4)
+    assert batch["inputs"].shape == (4, 64)
+    full = policy_batch(r, adv, "sequence", seq_len=64)
+    for k in batch:
+        np.testing.assert_array_equal(batch[k][:3], full[k][3:])  # the same rows, in order
+    assert not batch["weights"][3].any() and not batch["segment_ids"][3].any()
