@@ -18,7 +18,7 @@ SMALL = ["start.sft_steps=4", "start.sft_batch_size=8", "start.sft_seq_len=128",
 @pytest.mark.slow
 def test_grpo_recipe_runs_logs_and_resumes(tmp_path):
     over = [*SMALL, f"output_dir={tmp_path}", "grpo.prompts_per_iteration=2", "grpo.kl_coef=0.01",
-            "checkpoint_every=1"]
+            "checkpoint_every=1", "eval_every=2", "prompts.eval_examples=2"]
     run_recipe(load_recipe(ROOT / "configs/recipes/grpo-tiny.yaml", [*over, "steps=2"]))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -26,6 +26,9 @@ def test_grpo_recipe_runs_logs_and_resumes(tmp_path):
                 "rollout_tokens_per_s", "update_tokens_per_s"):
         assert key in rows[0], key
     assert rows[0]["logprob_mismatch"] < 1e-2  # the first update sees the rollout's own weights
+    # Held-out problems (the task's test split, both modes) at the first iteration and every eval_every.
+    assert all(k in rows[0] and k in rows[1] for k in ("heldout_accuracy_on", "heldout_accuracy_off",
+                                                        "heldout_format_rate_on", "heldout_format_rate_off"))
     first = nj.load(tmp_path / "model")
     # Resuming with more iterations continues from the last checkpoint, not from scratch.
     (tmp_path / "model").rename(tmp_path / "model-2")

@@ -67,15 +67,16 @@ def quarter_means(rows: Sequence[dict[str, Any]], key: str = "accuracy") -> tupl
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "", window: int = 10) -> None:
-    """RL curves per iteration (raw and a `window`-iteration moving average): accuracy per mode,
-    reward, format compliance per mode."""
+    """RL curves per iteration (raw and a `window`-iteration moving average): accuracy per mode
+    (rollouts, and held-out problems where measured), reward, format compliance per mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    panels = (("accuracy", "accuracy_on", "accuracy_off"), ("reward_mean",), ("format_rate_on", "format_rate_off"))
+    panels = (("accuracy", "accuracy_on", "accuracy_off", "heldout_accuracy_on", "heldout_accuracy_off"),
+              ("reward_mean",), ("format_rate_on", "format_rate_off"))
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.8))
     for ax, keys in zip(axes, panels, strict=True):
         for key in keys:
@@ -83,6 +84,9 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
             if not pts:
                 continue
             x, y = np.asarray(pts, dtype=float).T
+            if key.startswith("heldout"):  # a few evaluations: points joined, no smoothing
+                ax.plot(x, y, "o--", label=key)
+                continue
             line, = ax.plot(x, y, alpha=0.25)
             smooth = np.convolve(y, np.ones(window) / window, mode="valid") if len(y) >= window else y
             ax.plot(x[len(x) - len(smooth):], smooth, color=line.get_color(), label=key)

@@ -19,6 +19,9 @@ class PromptConfig:
     curriculum_end: float = 0.1            # ... and at the last
     curriculum_width: float = 0.25
     limit: int | None = None               # use the first N records only
+    # Held-out prompts, sampled every `eval_every` iterations (both modes, `heldout_*` metrics):
+    eval_path: str | None = None           # a JSONL of question/answer, or
+    eval_examples: int = 0                 # ... that many problems of the synthetic task's test split
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from nemotron_jax import rewards
 from nemotron_jax.model.model import Model
 from nemotron_jax.rl.config import GRPOConfig, PromptConfig, SamplingConfig
 from nemotron_jax.rl.loop import run_policy_loop
-from nemotron_jax.rl.prompts import PromptSchedule, load_prompts, measure_pass_rates
+from nemotron_jax.rl.prompts import PromptSchedule, load_heldout_prompts, load_prompts, measure_pass_rates
 from nemotron_jax.rl.rollout import (
     advantages_for,
     bucket,
@@ -81,9 +81,14 @@ def run_grpo(recipe: Any, model: Model, tokenizer: Tokenizer, cfg: GRPOConfig,
              sampling: SamplingConfig, prompts: PromptConfig) -> TrainResult:
     source = RolloutSource(recipe, model, tokenizer, sampling, prompts, cfg.prompts_per_iteration)
 
+    heldout = load_heldout_prompts(prompts, recipe.seed)
+
     def produce(i: int, params: nnx.State) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
         r = source.iteration(i, params)
         metrics = rollout_metrics(r)
+        if heldout and recipe.eval_every and (i == 0 or (i + 1) % recipe.eval_every == 0):
+            h = rollout_metrics(source.sample(params, heldout, group=4, seed=recipe.seed + 99))
+            metrics.update({f"heldout_{k}": v for k, v in h.items() if k.startswith(("accuracy", "format_rate"))})
         total = len(r.responses)
         rows = informative_rows(r) if cfg.skip_flat_groups and cfg.kl_coef == 0 else list(range(total))
         metrics["update_fraction"] = len(rows) / total

@@ -39,6 +39,28 @@ def load_prompts(cfg: PromptConfig, seed: int, synthetic_dir: Path) -> list[Prom
     return [Prompt(str(source[i]["question"]), str(source[i]["answer"]), bool(on[i])) for i in range(n)]
 
 
+def load_heldout_prompts(cfg: PromptConfig, seed: int) -> list[Prompt]:
+    """Held-out prompts, each asked in both modes: `eval_path`, or `eval_examples` problems of the
+    synthetic task's test split (never generated for training)."""
+    if cfg.eval_path:
+        source = open_source(cfg.eval_path, check=_check_record)
+        records = [source[i] for i in range(len(source) if not cfg.eval_examples else
+                                            min(cfg.eval_examples, len(source)))]
+    elif cfg.eval_examples:
+        from nemotron_jax.data import arith
+
+        task = cfg.path.split(":", 1)[1] if cfg.path.startswith("synthetic:") else ""
+        makers = {"arith": arith.arith_records, "chain": arith.chain_records,
+                  "chain4": lambda n, seed, split: arith.chain_records(n, seed, split, terms=4)}
+        if task not in makers:
+            raise ValueError(f"prompts.eval_examples needs prompts.path synthetic:arith, chain or chain4 (a task "
+                             f"with a held-out split), got {cfg.path!r}; set prompts.eval_path instead")
+        records = makers[task](cfg.eval_examples, seed + 10_007, "test")
+    else:
+        return []
+    return [Prompt(str(r["question"]), str(r["answer"]), thinking) for thinking in (True, False) for r in records]
+
+
 def _check_record(record: dict) -> None:
     for key in ("question", "answer"):
         if not isinstance(record.get(key), (str, int, float)):
