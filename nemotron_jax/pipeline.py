@@ -130,13 +130,12 @@ class Pipeline:
     def eval_records(self) -> list[dict[str, Any]]:
         e = self.cfg.eval
         if e.data.startswith("synthetic:"):
-            from nemotron_jax.data.synthetic import GENERATORS
+            from nemotron_jax.data.synthetic import heldout_records
 
-            name = e.data.split(":", 1)[1]
-            if name not in ("arith", "chain", "chain4"):
-                raise ConfigError(f"eval.data {e.data}: expected synthetic:arith, synthetic:chain or synthetic:chain4 "
-                                  "(tasks with a held-out split), or a JSONL path")
-            return GENERATORS[name](e.examples, seed=e.seed, split="test")
+            try:
+                return heldout_records(e.data.split(":", 1)[1], e.examples, e.seed)
+            except ValueError as err:
+                raise ConfigError(f"eval.data: {err} (or a JSONL path)") from None
         from nemotron_jax.data.sources import open_source
 
         source = open_source(e.data)

@@ -77,6 +77,17 @@ GENERATORS = {"text": text_records, "gsm8k": gsm8k_records, "arith": arith.arith
               "chain4_sloppy": partial(arith.sloppy_chain_records, terms=4), "pairs": arith.pair_records}
 
 
+HELD_OUT = ("arith", "chain", "chain4")  # the tasks with a test split
+
+
+def heldout_records(kind: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` problems of task `kind`'s test split: never generated for training."""
+    if kind not in HELD_OUT:
+        raise ValueError(f"synthetic:{kind} has no held-out split; expected one of "
+                         + ", ".join(f"synthetic:{k}" for k in HELD_OUT))
+    return GENERATORS[kind](n, seed=seed, split="test")
+
+
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     """Write records as JSON lines (to a temp file renamed into place, so a reader never sees half)."""
     path = Path(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,6 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> N
 
 def read_metrics(path: str | Path, key: str = "accuracy") -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl that carry `key`."""
-    import json
-
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [r for r in rows if key in r]
 

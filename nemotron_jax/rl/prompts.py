@@ -47,15 +47,15 @@ def load_heldout_prompts(cfg: PromptConfig, seed: int) -> list[Prompt]:
         records = [source[i] for i in range(len(source) if not cfg.eval_examples else
                                             min(cfg.eval_examples, len(source)))]
     elif cfg.eval_examples:
-        from nemotron_jax.data import arith
+        from nemotron_jax.data.synthetic import heldout_records
 
-        task = cfg.path.split(":", 1)[1] if cfg.path.startswith("synthetic:") else ""
-        makers = {"arith": arith.arith_records, "chain": arith.chain_records,
-                  "chain4": lambda n, seed, split: arith.chain_records(n, seed, split, terms=4)}
-        if task not in makers:
-            raise ValueError(f"prompts.eval_examples needs prompts.path synthetic:arith, chain or chain4 (a task "
-                             f"with a held-out split), got {cfg.path!r}; set prompts.eval_path instead")
-        records = makers[task](cfg.eval_examples, seed + 10_007, "test")
+        if not cfg.path.startswith("synthetic:"):
+            raise ValueError(f"prompts.eval_examples needs a synthetic prompts.path, got {cfg.path!r}; "
+                             "set prompts.eval_path instead")
+        try:
+            records = heldout_records(cfg.path.split(":", 1)[1], cfg.eval_examples, seed + 10_007)
+        except ValueError as err:
+            raise ValueError(f"prompts.eval_examples: {err}; set prompts.eval_path instead") from None
     else:
         return []
     return [Prompt(str(r["question"]), str(r["answer"]), thinking) for thinking in (True, False) for r in records]
