@@ -44,10 +44,10 @@ class StageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation: `data` is `synthetic:chain`, `synthetic:chain4` or `synthetic:arith`
+    """Held-out evaluation: `data` is `synthetic:arith`, `synthetic:chain` or `synthetic:chain4`
     (problems never generated for training) or a JSONL of {question, answer} (GSM8K works as is)."""
 
-    data: str = "synthetic:chain"
+    data: str = "synthetic:arith"
     examples: int = 128
     max_new_tokens: int = 96
     batch_size: int = 64
@@ -128,41 +128,38 @@ class Pipeline:
         return out / "model"
 
     def eval_records(self) -> list[dict[str, Any]]:
+        from nemotron_jax.data.sources import eval_records
+
         e = self.cfg.eval
-        if e.data.startswith("synthetic:"):
-            from nemotron_jax.data.synthetic import heldout_records
-
-            try:
-                return heldout_records(e.data.split(":", 1)[1], e.examples, e.seed)
-            except ValueError as err:
-                raise ConfigError(f"eval.data: {err} (or a JSONL path)") from None
-        from nemotron_jax.data.sources import open_source
-
-        source = open_source(e.data)
-        records = [source[i] for i in range(min(e.examples, len(source)))]
+        try:
+            records = eval_records(e.data, e.examples, e.seed)
+        except ValueError as err:
+            raise ConfigError(f"eval.data: {err}") from None
         bad = next((i for i, r in enumerate(records) if "question" not in r or "answer" not in r), None)
         if bad is not None:
             raise ConfigError(f"eval.data {e.data}: record {bad} has no question/answer fields")
         return records
 
     def evaluate(self, models: dict[str, Path]) -> list[dict[str, Any]]:
-        """Both modes of every model, each model's rows cached in eval/{n}-{name}.json."""
+        """Both modes of every model, each model's rows cached in eval/{n}-{name}.json (redone when
+        the eval settings change)."""
         import nemotron_jax as nj
         from nemotron_jax.eval.reasoning import evaluate_reasoning
         from nemotron_jax.tokenizer import Tokenizer
 
         e, tokenizer, records = self.cfg.eval, Tokenizer.from_file(self.cfg.tokenizer), self.eval_records()
-        rows = []
+        rows, settings = [], dataclasses.asdict(e)
         for k, (name, path) in enumerate(models.items()):
             cached = self.out / "eval" / f"{k}-{name.strip('+').replace('+', '-')}.json"
-            if not cached.is_file():
+            if not cached.is_file() or json.loads(cached.read_text()).get("eval") != settings:
                 model = nj.load(path)
                 result = [evaluate_reasoning(model, tokenizer, records, thinking, name=name,
                                              max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=e.seed,
                                              max_thinking_tokens=e.max_thinking_tokens,
                                              progress=self.cfg.progress).to_dict() for thinking in (True, False)]
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(cached, json.dumps({"path": str(path), "rows": result}, indent=1) + "\n")
+                atomic_write_text(cached, json.dumps({"path": str(path), "eval": settings, "rows": result}, indent=1)
+                                  + "\n")
             rows += json.loads(cached.read_text())["rows"]
         return rows
 

@@ -241,6 +241,11 @@ def test_synthetic_tasks_hold_out_a_test_split_and_sloppy_teachers_err_only_at_t
         train = {r["question"] for r in make(3000, seed=0)}
         test = {r["question"] for r in make(200, seed=1, split="test")}
         assert train and test and not train & test
+    # The split is a hash of the whole problem: every ones-column digit pair still occurs in
+    # training (a split on the ones digits would hide whole steps from the student).
+    ones = {tuple(int(x) % 10 for x in q[len("What is "):-1].split(" + ")) for q in
+            (r["question"] for r in arith.arith_records(3000, seed=0))}
+    assert len(ones) == 100
     sloppy = arith.sloppy_chain_records(600, seed=2)
     wrong = {"on": [], "off": []}
     for r in sloppy:
@@ -251,4 +256,4 @@ def test_synthetic_tasks_hold_out_a_test_split_and_sloppy_teachers_err_only_at_t
         assert final in (sum(xs), xs[0] + xs[1])  # the right total, or the habit: the first running sum
         wrong[r["reasoning"]].append(final != sum(xs))
     assert not any(wrong["off"])  # the teacher errs only when it thinks
-    assert 0.45 < sum(wrong["on"]) / len(wrong["on"]) < 0.7  # 60 %, less chains whose first sum is the total
+    assert 0.5 < sum(wrong["on"]) / len(wrong["on"]) < 0.7  # 60 %

@@ -50,3 +50,13 @@ def test_cli_writes_rows_per_mode(tmp_path, tiny_hetero, capsys):
     assert {"accuracy", "format_rate", "tokens_per_s", "params"} <= set(report["rows"][0])
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert main(["eval", str(tmp_path / "model"), "--data", str(tmp_path / "nope.jsonl"), "--tokenizer", "tiny"]) == 2
+
+
+def test_cli_evaluates_a_synthetic_tasks_held_out_problems(tmp_path, tiny_hetero, capsys):
+    tiny_hetero.save(tmp_path / "model")
+    args = ["eval", str(tmp_path / "model"), "--tokenizer", "tiny", "--json", "--max-new-tokens", "4",
+            "--thinking", "off", "--limit", "3"]
+    assert main([*args, "--data", "synthetic:arith"]) == 0
+    assert [r["examples"] for r in json.loads(capsys.readouterr().out)["rows"]] == [3]
+    assert main([*args, "--data", "synthetic:text"]) == 2  # no held-out split
+    assert "synthetic:arith" in capsys.readouterr().err

@@ -77,6 +77,12 @@ def test_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((out / "report.json").read_text())["rows"] == rows
 
+    # Changed eval settings redo the evaluation only.
+    third = run_cli("pipeline", str(config), "eval.examples=3")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert {r["examples"] for r in json.loads((out / "report.json").read_text())["rows"]} == {3}
+    assert (out / "grpo" / "model").stat().st_mtime_ns == stamps[out / "grpo" / "model"]
+
 
 def test_pipeline_bad_stage_config_is_a_clear_error(tmp_path):
     config = tmp_path / "p.yaml"

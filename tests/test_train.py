@@ -35,9 +35,10 @@ FAST = ["mesh.data=8", "mesh.fsdp=1", "data.batch_size=8", "progress=false", "ev
 
 # ---------------------------------------------------------------- recipes and config errors
 def test_shipped_recipes_validate():
-    for name in ("kd-tiny", "sft-tiny"):
-        recipe = load_recipe(ROOT / "configs" / "recipes" / f"{name}.yaml")
-        assert recipe.kind == name.split("-")[0]
+    files = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
+    assert {"kd-tiny", "sft-tiny", "grpo-tiny", "grpo-arith", "dpo-tiny"} <= {f.stem for f in files}
+    for file in files:
+        assert load_recipe(file).kind == file.stem.split("-")[0], file
 
 
 def test_bad_recipe_keys_and_types_are_named(tmp_path):

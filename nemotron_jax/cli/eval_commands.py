@@ -12,10 +12,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy (thinking on/off) and loss/perplexity on a dataset")
     p.add_argument("model", help="an HF directory, a saved model, or a preset name (random weights)")
     p.add_argument("--data", required=True, help="JSONL: {question, answer} rows for accuracy; "
-                   "{text} or chat rows for loss")
+                   "{text} or chat rows for loss; or synthetic:arith|chain|chain4 (held-out problems)")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory holding it, or 'tiny'")
     p.add_argument("--thinking", choices=["on", "off", "both"], default="both")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N records only "
+                   "(synthetic: N problems, default 256)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--temperature", type=float, default=None, help="default: 0.6 thinking on, greedy off")
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     from nemotron_jax.cli.plan_commands import parse_mesh
-    from nemotron_jax.data.sources import open_source
+    from nemotron_jax.data.sources import eval_records
     from nemotron_jax.eval.perplexity import evaluate_loss
     from nemotron_jax.eval.reasoning import evaluate_reasoning
     from nemotron_jax.eval.report import format_table
@@ -47,8 +48,7 @@ def evaluate(args: argparse.Namespace) -> None:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the model's vocabulary "
                          f"is {model.config.vocab_size}")
-    source = open_source(args.data)
-    records = [source[i] for i in range(len(source) if args.limit is None else min(args.limit, len(source)))]
+    records = eval_records(args.data, args.limit, args.seed)
     qa = [r for r in records if "question" in r and "answer" in r]
     other = [r for r in records if not ("question" in r and "answer" in r)]
     name = Path(args.model).name or str(args.model)

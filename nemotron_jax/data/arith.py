@@ -15,6 +15,7 @@ About one problem in ten is held out (`split="test"`) and never generated for tr
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -35,8 +36,13 @@ def worked_sum(a: int, b: int) -> str:
 
 
 def is_held_out(a: int, b: int) -> bool:
-    """About one pair in ten is reserved for evaluation and never generated for training."""
-    return (7 * a + 13 * b) % 10 == 0
+    """About one pair in ten is reserved for evaluation and never generated for training.
+
+    A CRC of the pair, not a function of the digits mod 10: a split on the ones digits (as
+    `7a + 13b ≡ 0 mod 10` is) holds out every problem whose first column is one of ten digit
+    pairs, a step the student never sees, and held-out accuracy would measure that gap instead of
+    transfer (it read 0.00 against 0.31 on training problems)."""
+    return zlib.crc32(f"{a} {b}".encode()) % 10 == 0
 
 
 def arith_records(n: int, seed: int = 0, digits: int = 2, split: str = "train",
@@ -66,8 +72,8 @@ def arith_records(n: int, seed: int = 0, digits: int = 2, split: str = "train",
 
 
 def sloppy_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """The task as taught by a sloppy teacher: 80 % of its reasoning-on answers have the digits reversed."""
-    return arith_records(n, seed, sloppy=0.8)
+    """The task as taught by a sloppy teacher: half of its reasoning-on answers have the digits reversed."""
+    return arith_records(n, seed, sloppy=0.5)
 
 
 def pair_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -100,6 +106,8 @@ def chain_records(n: int, seed: int = 0, split: str = "train", sloppy: float = 0
     out: list[dict[str, Any]] = []
     while len(out) < n:
         xs = [int(x) for x in rng.integers(1, 10, size=terms)]
+        # A weighted digit sum: for every held-out chain, its steps (a + b, then s + c) also occur
+        # in training chains, so the split measures transfer, not unseen steps.
         if (sum(x * w for x, w in zip(xs, (7, 13, 17, 19, 23), strict=False)) % 10 == 0) != (split == "test"):
             continue
         sums = np.cumsum(xs).tolist()
