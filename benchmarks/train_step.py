@@ -1,4 +1,4 @@
-"""Train-step throughput of a ~100M-parameter model, against this machine's measured matmul peak.
+"""Train-step throughput of a model (~100M parameters by default), against this machine's matmul peak.
 
 Measures (1) the peak: the best of several large float32 `jnp.matmul`s, in FLOP/s; (2) for each
 remat option, the jitted `train_step` (LM loss, AdamW) in tokens/s and achieved FLOP/s, with the
@@ -9,7 +9,7 @@ Remat recomputes part of the forward in the backward pass; that extra work is *n
 it shows as lower achieved FLOP/s: the cost of the memory it saves.
 
     python benchmarks/train_step.py [--batch 4 --seq 512 --steps 3 --remat none,dots_saveable,full]
-                                    [--update-docs docs/benchmarks.md]
+                                    [--model tiny-llama] [--update-docs docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from flax import nnx
 
 from nemotron_jax.config import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from nemotron_jax.model import init
+from nemotron_jax.presets import resolve_config
 from nemotron_jax.train.optim import OptimizerConfig, make_optimizer
 from nemotron_jax.train.state import init_state
 from nemotron_jax.train.step import make_train_step
@@ -121,12 +122,13 @@ def table(cfg: ModelConfig, args: argparse.Namespace, peak: float, rows: dict[st
         "## Train step",
         "",
         f"Command: `python benchmarks/train_step.py --batch {args.batch} --seq {args.seq} --steps {args.steps} "
-        f"--remat {args.remat}`",
+        f"--remat {args.remat}" + (f" --model {args.model}`" if args.model else "`"),
         "",
         f"Machine: {jax.devices()[0].platform.upper()} ({cpu}, {os.cpu_count()} cores visible, shared with other "
-        f"jobs while measured), JAX {jax.__version__}. Model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-        f"{cfg.num_attention_heads} heads / {KV_HEADS} KV heads, SwiGLU {FFN}, vocab {cfg.vocab_size}: "
-        f"{cfg.num_params() / 1e6:.1f}M parameters, float32, batch {args.batch} x {args.seq} tokens, AdamW. "
+        f"jobs while measured), JAX {jax.__version__}. Model: {args.model or 'built-in'}, {cfg.num_layers} layers "
+        f"({', '.join(sorted({f'{b.attention} {b.ffn}' for b in cfg.blocks}))}), hidden {cfg.hidden_size}, "
+        f"{cfg.num_attention_heads} heads, vocab {cfg.vocab_size}: {cfg.num_params() / 1e6:.2f}M parameters, "
+        f"float32, batch {args.batch} x {args.seq} tokens, AdamW. "
         f"Measured matmul peak ({args.peak_n}³ float32, best over the run): {peak / 1e9:.1f} GFLOP/s. Timing is "
         f"round-robin ({args.steps} rounds, each: the matmul peak, then one step of every remat option) and the "
         "best step of each option is kept, so background load on the shared machine affects all rows alike.",
@@ -157,9 +159,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--remat", default="none,dots_saveable,full")
     p.add_argument("--peak-n", type=int, default=2048)
+    p.add_argument("--model", default=None, help="a preset (e.g. tiny-llama), an HF or saved model directory; "
+                   "default: the built-in ~100M model")
     p.add_argument("--update-docs", type=Path, default=None)
     args = p.parse_args()
-    cfg = bench_config()
+    cfg = bench_config() if args.model is None else resolve_config(args.model)
     print(f"model: {cfg.num_params() / 1e6:.1f}M params", file=sys.stderr)
     peak, rows = run(cfg, args.remat.split(","), args.batch, args.seq, args.steps, args.peak_n)
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; {rows}", file=sys.stderr)
