@@ -43,6 +43,14 @@ def initialize(cfg: DistributedConfig = DistributedConfig()) -> None:
                                process_id=cfg.process_id)
 
 
+def barrier(name: str) -> None:
+    """Wait until every process of the job reaches `name` (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _int_env(name: str) -> int | None:
     value = os.environ.get(name)
     if value is None:

@@ -20,32 +20,29 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     one temporary directory, and process 0 renames it once all of them have finished writing."""
     import jax
 
+    from nemotron_jax.distributed import barrier
+
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CheckpointError(f"{path}: output exists and is not an empty directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     multi, primary = jax.process_count() > 1, jax.process_index() == 0
     if multi:
-        from jax.experimental import multihost_utils
-
-        sync = multihost_utils.sync_global_devices
         tmp = path.parent / f".{path.name}.tmp"
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-        sync(f"atomic_dir start {path}")
+        barrier(f"atomic_dir start {path}")
     else:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
     try:
         yield tmp
-        if multi:
-            sync(f"atomic_dir written {path}")
+        barrier(f"atomic_dir written {path}")
         if primary:
             if path.exists():
                 path.rmdir()
             os.replace(tmp, path)
-        if multi:
-            sync(f"atomic_dir renamed {path}")
+        barrier(f"atomic_dir renamed {path}")
     except BaseException:
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)

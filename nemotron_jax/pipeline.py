@@ -151,16 +151,17 @@ class Pipeline:
         rows, settings = [], dataclasses.asdict(e)
         for k, (name, path) in enumerate(models.items()):
             cached = self.out / "eval" / f"{k}-{name.strip('+').replace('+', '-')}.json"
-            if not cached.is_file() or json.loads(cached.read_text()).get("eval") != settings:
+            done = json.loads(cached.read_text()) if cached.is_file() else {}
+            if done.get("eval") != settings:
                 model = nj.load(path)
                 result = [evaluate_reasoning(model, tokenizer, records, thinking, name=name,
                                              max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=e.seed,
                                              max_thinking_tokens=e.max_thinking_tokens,
                                              progress=self.cfg.progress).to_dict() for thinking in (True, False)]
+                done = {"path": str(path), "eval": settings, "rows": result}
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(cached, json.dumps({"path": str(path), "eval": settings, "rows": result}, indent=1)
-                                  + "\n")
-            rows += json.loads(cached.read_text())["rows"]
+                atomic_write_text(cached, json.dumps(done, indent=1) + "\n")
+            rows += done["rows"]
         return rows
 
     def export(self, source: Path) -> Path:

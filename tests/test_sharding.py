@@ -89,27 +89,27 @@ def _train(model, strategy, layout, teacher=None, steps=2):
     return losses, [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
+def _assert_same_run(run, reference):
+    (losses, params), (ref_losses, ref_params) = run, reference
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for x, y in zip(params, ref_params, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_sharded_train_steps_equal_single_device(tiny_hetero, name):
     layout = LAYOUTS[name].layout()
     sharded = nj.init(tiny_hetero.config, seed=0, layout=layout)
-    ref_losses, ref_params = _train(tiny_hetero, LMStrategy(chunk_tokens=32), None)
-    losses, params = _train(sharded, LMStrategy(chunk_tokens=32), layout)
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    for x, y in zip(params, ref_params, strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    _assert_same_run(_train(sharded, LMStrategy(chunk_tokens=32), layout),
+                     _train(tiny_hetero, LMStrategy(chunk_tokens=32), None))
 
 
 def test_sharded_kd_step_with_sharded_teacher_equals_single_device(tiny_hetero, tiny_llama):
     layout = LAYOUTS["fsdp_tp"].layout()
     kd = KDStrategy(kl_weight=1.0, cosine_weight=1.0, chunk_tokens=32)
-    ref_losses, ref_params = _train(tiny_hetero, kd, None, teacher=tiny_llama)
     student = nj.init(tiny_hetero.config, seed=0, layout=layout)
     teacher = nj.init(tiny_llama.config, seed=0, layout=layout)
-    losses, params = _train(student, kd, layout, teacher=teacher)
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    for x, y in zip(params, ref_params, strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    _assert_same_run(_train(student, kd, layout, teacher=teacher), _train(tiny_hetero, kd, None, teacher=tiny_llama))
 
 
 def _sharpened(model):

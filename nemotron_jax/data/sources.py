@@ -243,13 +243,13 @@ def skip_summary(source: Any) -> str | None:
             + "; ".join(skips.examples))
 
 
-def eval_records(spec: str, limit: int | None = None, seed: int = 0) -> list[Record]:
+def eval_records(spec: str, limit: int | None = None, seed: int = 0, check: Check | None = None) -> list[Record]:
     """Records to evaluate on: `synthetic:KIND` is `limit` (default 256) problems of that task's
-    held-out split (never generated for training); anything else is opened as a source and its
-    first `limit` records are read."""
+    held-out split (never generated for training); anything else is opened as a source (records
+    checked by `check`) and its first `limit` records are read."""
     if spec.startswith("synthetic:"):
         from nemotron_jax.data.synthetic import heldout_records
 
         return heldout_records(spec.split(":", 1)[1], 256 if limit is None else limit, seed)
-    source = open_source(spec)
+    source = open_source(spec, check=check)
     return [source[i] for i in range(len(source) if limit is None else min(limit, len(source)))]

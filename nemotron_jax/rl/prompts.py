@@ -20,7 +20,7 @@ import grain
 import numpy as np
 from tqdm.auto import tqdm
 
-from nemotron_jax.data.sources import open_source
+from nemotron_jax.data.sources import eval_records, open_source
 from nemotron_jax.fileio import atomic_write_text
 from nemotron_jax.rl.config import PromptConfig
 from nemotron_jax.rl.rollout import Prompt
@@ -43,17 +43,13 @@ def load_heldout_prompts(cfg: PromptConfig, seed: int) -> list[Prompt]:
     """Held-out prompts, each asked in both modes: `eval_path`, or `eval_examples` problems of the
     synthetic task's test split (never generated for training)."""
     if cfg.eval_path:
-        source = open_source(cfg.eval_path, check=_check_record)
-        records = [source[i] for i in range(len(source) if not cfg.eval_examples else
-                                            min(cfg.eval_examples, len(source)))]
+        records = eval_records(cfg.eval_path, cfg.eval_examples or None, check=_check_record)
     elif cfg.eval_examples:
-        from nemotron_jax.data.synthetic import heldout_records
-
         if not cfg.path.startswith("synthetic:"):
             raise ValueError(f"prompts.eval_examples needs a synthetic prompts.path, got {cfg.path!r}; "
                              "set prompts.eval_path instead")
         try:
-            records = heldout_records(cfg.path.split(":", 1)[1], cfg.eval_examples, seed + 10_007)
+            records = eval_records(cfg.path, cfg.eval_examples, seed + 10_007)
         except ValueError as err:
             raise ValueError(f"prompts.eval_examples: {err}; set prompts.eval_path instead") from None
     else:

@@ -28,6 +28,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from nemotron_jax.data.pipeline import DataPipeline
+from nemotron_jax.distributed import barrier
 from nemotron_jax.model.model import Model
 from nemotron_jax.sharding import Layout
 from nemotron_jax.train.checkpoints import RunCheckpoints
@@ -222,10 +223,7 @@ def _save_model(model: Model, path: Path) -> None:
     if primary:
         shutil.rmtree(path, ignore_errors=True)
         staging.rename(path)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"saved {path}")
+    barrier(f"saved {path}")
 
 
 def _check_finite(step: int, metrics: Any, recipe: Recipe, checkpoints: RunCheckpoints) -> None:
