@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nemotron_jax.api import init
 from nemotron_jax.config import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
-from nemotron_jax.model import init
+from nemotron_jax.data.batch import TokenBatch
 from nemotron_jax.presets import resolve_config
 from nemotron_jax.train.optim import OptimizerConfig, make_optimizer
 from nemotron_jax.train.state import init_state
@@ -76,10 +77,10 @@ class Variant:
         step = make_train_step(LMStrategy(chunk_tokens=2048), graphdef, tx, schedule)
         rng = np.random.default_rng(0)
         toks = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-        self.data = jax.device_put({
-            "inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((batch, seq), np.float32),
-            "positions": np.broadcast_to(np.arange(seq), (batch, seq)).astype(np.int32),
-            "segment_ids": np.ones((batch, seq), np.int32)})
+        self.data = jax.device_put(TokenBatch(
+            inputs=toks[:, :-1], targets=toks[:, 1:], weights=np.ones((batch, seq), np.float32),
+            positions=np.broadcast_to(np.arange(seq), (batch, seq)).astype(np.int32),
+            segment_ids=np.ones((batch, seq), np.int32)))
         t = time.perf_counter()
         self.compiled = step.lower(self.state, self.data).compile()
         self.compile_s = time.perf_counter() - t

@@ -1,4 +1,4 @@
-"""The two error types every user-facing failure is raised as."""
+"""The error types user-facing failures are raised as (all `ValueError`s, each naming what to fix)."""
 
 
 class ConfigError(ValueError):
@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint on disk is missing, malformed, or does not match its config."""
+
+
+class DataError(ValueError):
+    """Training or evaluation data is missing, unreadable, or not in the expected schema."""

@@ -117,7 +117,7 @@ class Pipeline:
 
     def train(self, name: str, stage: StageConfig, source: Path, extra: Sequence[str] = ()) -> Path:
         """Run a training recipe from `source` in `{output_dir}/{name}`; returns its saved model."""
-        from nemotron_jax.train import load_recipe, run_recipe
+        from nemotron_jax.recipes import load_recipe, run_recipe
 
         out = self.out / name
         recipe = load_recipe(self._stage_file(stage, name), [

@@ -23,18 +23,22 @@ T = TypeVar("T")
 
 def load_yaml(cls: type[T], path: str | Path | None, overrides: Sequence[str] = (), what: str = "config") -> T:
     """`cls` from a YAML file (or its defaults when `path` is None) with overrides applied."""
-    data: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such {what} file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a {what} must be a mapping of keys to values")
+    data = read_yaml(path, what) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides))
+
+
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """The mapping in a YAML file; a missing file, bad YAML or a non-mapping is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what} file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a {what} must be a mapping of keys to values")
+    return data
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
@@ -42,11 +46,15 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
+    aliases = getattr(cls, "yaml_aliases", {})  # YAML key -> field name, for fields inherited under another name
+    data = {aliases.get(k, k): v for k, v in data.items()}
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ConfigError(f"unknown key {where}{unknown[0]!s}; expected one of {', '.join(names)}")
-    return cls(**{k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()})
+        spelled = [next((a for a, f in aliases.items() if f == n), n) for n in names]
+        raise ConfigError(f"unknown key {where}{unknown[0]!s}; expected one of {', '.join(spelled)}")
+    return cls(**{k: _coerce(hints[k], v, f"{where}{next((a for a, f in aliases.items() if f == k), k)}")
+                  for k, v in data.items()})
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

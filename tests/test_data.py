@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -191,7 +192,8 @@ def _take(it, n):
 
 
 def _same(a, b):
-    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
+    return all(np.array_equal(u, v) for x, y in zip(a, b, strict=True)
+               for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True))
 
 
 def test_pipeline_is_deterministic_by_seed_and_resumes_exactly(tok, gsm_file):
@@ -205,7 +207,7 @@ def test_pipeline_is_deterministic_by_seed_and_resumes_exactly(tok, gsm_file):
     assert _same(rest, _take(p.train_iterator(state), 6))
     assert not _same(first, _take(DataPipeline(cfg, tok, seed=4).train_iterator(), 3))
     batch = first[0]
-    assert batch["inputs"].shape == (2, 128) and batch["weights"].dtype == np.float32
+    assert batch.inputs.shape == (2, 128) and batch.weights.dtype == np.float32
     assert 0.5 < DataPipeline.packing_stats(it).efficiency <= 1.0
 
 
@@ -213,7 +215,7 @@ def _train_questions(pipeline, tok, batches):
     texts = set()
     it = pipeline.train_iterator()
     for batch in _take(it, batches):
-        for row_inputs, row_seg in zip(batch["inputs"], batch["segment_ids"], strict=True):
+        for row_inputs, row_seg in zip(batch.inputs, batch.segment_ids, strict=True):
             for s in np.unique(row_seg[row_seg > 0]):
                 texts.add(tok.decode(row_inputs[row_seg == s]).split("user<|end_header_id|>\n\n")[1][:40])
     return texts
@@ -228,7 +230,7 @@ def test_host_shards_are_disjoint_and_eval_is_held_out(tok, gsm_file):
     held_out = {r["question"][:40] for r in gsm8k_records(40, seed=1)[:4]}
     assert not held_out & (seen[0] | seen[1])
     eval_batches = shards[0].eval_batches()
-    assert eval_batches and eval_batches[0]["inputs"].shape == (2, 256)
+    assert eval_batches and eval_batches[0].inputs.shape == (2, 256)
     with pytest.raises(DataError, match="leaves no training records"):
         DataPipeline(DataConfig(path=str(gsm_file), eval_examples=40), tok, seed=0)
 

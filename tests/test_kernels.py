@@ -23,7 +23,7 @@ from nemotron_jax.kernels.decode_attention import decode_attention
 from nemotron_jax.kernels.flash_attention import flash_attention
 from nemotron_jax.kernels.swiglu import fused_swiglu
 from nemotron_jax.kernels.tpu import chunked_reference, index_causal, splash_causal
-from nemotron_jax.model.model import Model
+from nemotron_jax.api import Model
 from nemotron_jax.model.params import assemble, flat_params
 from nemotron_jax.model.transformer import Policy
 

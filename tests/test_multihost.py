@@ -100,3 +100,26 @@ def test_two_process_training_matches_one_process(tmp_path):
     _finish(_train(recipe, single, _env(4), "steps=4"))
     assert len(_losses(multi)) == 4
     np.testing.assert_allclose(_losses(multi), _losses(single), rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dpo"])
+def test_two_process_rl_matches_one_process(tmp_path, kind):
+    """Every host computes the iteration's rollouts (or pairs) whole and trains on its share of the
+    rows: two processes give one process's losses and weights, and resume together."""
+    root = Path(__file__).resolve().parents[1] / "configs" / "recipes"
+    common = ["progress=false", "log_every=1", "start.sft_steps=0", "checkpoint_every=2", "steps=2",
+              "async_checkpointing=false", "optimizer.lr=1e-3"]
+    over = {"grpo": ["grpo.prompts_per_iteration=2", "sampling.group_size=4", "sampling.max_new_tokens=8",
+                     "prompts.eval_examples=0", "grpo.skip_flat_groups=false"],
+            "dpo": ["dpo.pairs_per_iteration=4", "dpo.seq_len=64"]}[kind]
+    recipe = root / f"{kind}-tiny.yaml"
+    multi, single = tmp_path / "two-processes", tmp_path / "one-process"
+    _two_processes(recipe, multi, *common, *over)
+    _finish(_train(recipe, single, _env(4), *common, *over))
+    np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-4)
+    tokens = np.arange(16).reshape(1, 16)
+    np.testing.assert_allclose(nj.load(multi / "model").logits(tokens), nj.load(single / "model").logits(tokens),
+                               rtol=1e-4, atol=1e-4)
+    _two_processes(recipe, multi, *common, *over, "steps=3")
+    _finish(_train(recipe, single, _env(4), *common, *over, "steps=3"))
+    np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-4)

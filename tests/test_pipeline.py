@@ -16,12 +16,12 @@ import nemotron_jax as nj
 from nemotron_jax.presets import configs_dir
 
 PUZZLE_SMOKE = [
-    "parent.model=tiny-llama", "parent.train_steps=4", "data.synthetic=arith", "data.synthetic_examples=256",
+    "parent.model=tiny-llama", "parent.train_steps=4", "data.path=synthetic:arith", "data.synthetic_examples=256",
     "data.eval_examples=8", "data.seq_len=128", "data.batch_size=8", "library.kv_heads=[2, 1]",
     "library.ffn_fractions=[1.0]", "library.calibration_batches=1", "bld.steps=2", "bld.checkpoint_every=2",
     "score.batches=1", "costs.method=analytic", "costs.rounds=1", "costs.decode_steps=2", "costs.decode_context=16",
     "search.speedup=1.1", "search.num_solutions=1", "search.calibration_rounds=0", "kd.steps=2"]
-SFT_SMOKE = ["steps=2", "data.path=", "data.synthetic=arith", "data.synthetic_examples=64", "data.max_examples=null",
+SFT_SMOKE = ["steps=2", "data.path=synthetic:arith", "data.synthetic_examples=64", "data.max_examples=null",
              "eval_every=0", "data.batch_size=8", "data.seq_len=128"]
 GRPO_SMOKE = ["steps=2", "grpo.prompts_per_iteration=2", "sampling.group_size=2", "sampling.max_new_tokens=16",
               "checkpoint_every=1"]

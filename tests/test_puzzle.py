@@ -10,6 +10,7 @@ import pytest
 
 import nemotron_jax as nj
 from nemotron_jax.config import AttentionConfig, FFNConfig, ModelConfig
+from nemotron_jax.data.batch import TokenBatch
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.model.params import assemble, flat_params
 from nemotron_jax.puzzle import bld, costs, fusion, search
@@ -46,14 +47,15 @@ def _model(cfg: ModelConfig, seed: int) -> nj.Model:
     return nj.Model(assemble(cfg, module.policy, flat))
 
 
-def _batch(rng: np.random.Generator, b: int = 2, t: int = 12, vocab: int = 64, segments: int = 2) -> dict:
+def _batch(rng: np.random.Generator, b: int = 2, t: int = 12, vocab: int = 64, segments: int = 2) -> TokenBatch:
     seg = np.repeat(np.arange(1, segments + 1), -(-t // segments))[:t]
     pos = np.concatenate([np.arange((seg == s).sum()) for s in range(1, segments + 1)])
     weights = np.ones((b, t), np.float32)
     weights[:, -1] = 0.0
-    return {"inputs": rng.integers(0, vocab, (b, t)).astype(np.int32),
-            "targets": rng.integers(0, vocab, (b, t)).astype(np.int32), "weights": weights,
-            "positions": np.tile(pos, (b, 1)).astype(np.int32), "segment_ids": np.tile(seg, (b, 1)).astype(np.int32)}
+    return TokenBatch(inputs=rng.integers(0, vocab, (b, t)).astype(np.int32),
+                      targets=rng.integers(0, vocab, (b, t)).astype(np.int32), weights=weights,
+                      positions=np.tile(pos, (b, 1)).astype(np.int32),
+                      segment_ids=np.tile(seg, (b, 1)).astype(np.int32))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def parent() -> nj.Model:
 
 
 @pytest.fixture(scope="module")
-def batches() -> list[dict]:
+def batches() -> list[TokenBatch]:
     rng = np.random.default_rng(0)
     return [_batch(rng) for _ in range(2)]
 
@@ -126,8 +128,8 @@ def _np_silu(x):
 def test_ffn_pruning_and_least_squares_match_numpy(parent, batches, library):
     mids = []
     for b in batches:
-        _, m, _ = sb.capture(parent.module, jnp.asarray(b["inputs"]), jnp.asarray(b["positions"]),
-                             jnp.asarray(b["segment_ids"]))
+        _, m, _ = sb.capture(parent.module, jnp.asarray(b.inputs), jnp.asarray(b.positions),
+                             jnp.asarray(b.segment_ids))
         mids.append(np.asarray(m[0]).reshape(-1, 32))
     mid = np.concatenate(mids)
     w = library.layers[0]["ffn"]["swiglu64"].params

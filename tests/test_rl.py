@@ -3,7 +3,7 @@
 import dataclasses
 import time
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,7 +13,7 @@ from nemotron_jax.rl.config import PromptConfig
 from nemotron_jax.rl.preference import encode_pair, pair_batch
 from nemotron_jax.rl.prompts import PromptSchedule
 from nemotron_jax.rl.rollout import Prompt, advantages_for, informative_rows, policy_batch, rollout
-from nemotron_jax.rl.strategies import token_logprobs
+from nemotron_jax.rl.strategies import target_logprobs
 
 PROMPTS = [Prompt("What is 2 + 3?", "#### 5", True), Prompt("What is 4 + 4?", "#### 8", False)]
 
@@ -31,20 +31,20 @@ def sampled(tiny_hetero, tokenizer):
 
 def test_rollout_logprobs_equal_the_trainers_recomputed_ones(tiny_hetero, sampled):
     batch = policy_batch(sampled, advantages_for(sampled, "grpo", True), "token")
-    logp, _ = token_logprobs(tiny_hetero.module, {k: jnp.asarray(v) for k, v in batch.items()})
-    mask = batch["weights"] > 0
+    logp, _ = target_logprobs(tiny_hetero.module, jax.device_put(batch))
+    mask = batch.weights > 0
     assert mask.sum() == sum(len(r) for r in sampled.responses)
-    np.testing.assert_allclose(np.asarray(logp)[mask], batch["old_logprobs"][mask], atol=2e-4)
+    np.testing.assert_allclose(np.asarray(logp)[mask], batch.old_logprobs[mask], atol=2e-4)
 
 
 def test_policy_batch_weights_only_response_tokens(sampled):
     batch = policy_batch(sampled, np.ones((2, 3), np.float32), "sequence")
     for i, (prompt, response) in enumerate(zip(sampled.prompt_ids, sampled.responses, strict=True)):
-        row = batch["weights"][i]
+        row = batch.weights[i]
         assert (row[: len(prompt) - 1] == 0).all()  # prompt targets
         assert (row[len(prompt) + len(response) - 1:] == 0).all()  # padding
         np.testing.assert_allclose(row.sum(), 1.0, rtol=1e-6)  # sequence-level: one unit per row
-        assert batch["targets"][i, len(prompt) - 1] == response[0]
+        assert batch.targets[i, len(prompt) - 1] == response[0]
 
 
 def test_a_raising_or_hanging_user_reward_scores_zero(tiny_hetero, tokenizer):
@@ -84,12 +84,12 @@ def test_pair_batch_interleaves_and_weights_each_pair_once(tokenizer):
     record = {"question": "What is 2 + 3?", "reasoning": "off", "chosen": "5", "rejected": "The answer is 7.",
               "chosen_reward": 2.0, "rejected_reward": 0.5}
     batch = pair_batch([encode_pair(tokenizer, record)] * 2)
-    assert batch["inputs"].shape[0] == 4
-    np.testing.assert_allclose(batch["weights"].sum(), 2.0, rtol=1e-6)  # two pairs
-    chosen = tokenizer.decode(batch["targets"][0][batch["response_mask"][0] > 0])
-    rejected = tokenizer.decode(batch["targets"][1][batch["response_mask"][1] > 0])
+    assert batch.inputs.shape[0] == 4
+    np.testing.assert_allclose(batch.weights.sum(), 2.0, rtol=1e-6)  # two pairs
+    chosen = tokenizer.decode(batch.targets[0][batch.response_mask[0] > 0])
+    rejected = tokenizer.decode(batch.targets[1][batch.response_mask[1] > 0])
     assert chosen.startswith("5") and rejected.startswith("The answer is 7.")
-    assert batch["reward_gap"][0, 0] == pytest.approx(1.5)
+    assert batch.reward_gap[0, 0] == pytest.approx(1.5)
 
 
 def test_policy_batch_keeps_informative_groups_and_pads_with_weightless_rows(sampled):
@@ -98,8 +98,8 @@ def test_policy_batch_keeps_informative_groups_and_pads_with_weightless_rows(sam
     assert rows == [3, 4, 5]  # the first group's rewards are all equal: no signal
     adv = np.arange(6, dtype=np.float32).reshape(2, 3) + 1.0
     batch = policy_batch(r, adv, "sequence", seq_len=64, rows=rows, num_rows=4)
-    assert batch["inputs"].shape == (4, 64)
+    assert batch.inputs.shape == (4, 64)
     full = policy_batch(r, adv, "sequence", seq_len=64)
-    for k in batch:
-        np.testing.assert_array_equal(batch[k][:3], full[k][3:])  # the same rows, in order
-    assert not batch["weights"][3].any() and not batch["segment_ids"][3].any()
+    for got, want in zip(jax.tree.leaves(batch), jax.tree.leaves(full), strict=True):
+        np.testing.assert_array_equal(got[:3], want[3:])  # the same rows, in order
+    assert not batch.weights[3].any() and not batch.segment_ids[3].any()

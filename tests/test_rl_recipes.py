@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import nemotron_jax as nj
-from nemotron_jax.train import load_recipe, run_recipe
+from nemotron_jax.recipes import load_recipe, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # Batches are 8 rows: the 8 simulated devices split them (rows must divide the data-parallel size).

@@ -17,12 +17,14 @@ from flax import nnx
 
 import nemotron_jax as nj
 from nemotron_jax.data import ExampleFormat, make_example
+from nemotron_jax.data.batch import TokenBatch
 from nemotron_jax.data.synthetic import gsm8k_records, write_jsonl
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.model.params import flat_params
+from nemotron_jax.recipes import load_recipe, run_recipe
 from nemotron_jax.sharding import MeshConfig
 from nemotron_jax.tokenizer import Tokenizer
-from nemotron_jax.train import TrainingError, load_recipe, run_recipe
+from nemotron_jax.train import TrainingError
 from nemotron_jax.train.optim import OptimizerConfig, make_optimizer
 from nemotron_jax.train.state import init_state, state_shardings_for
 from nemotron_jax.train.step import _loss_and_grads, make_eval_step, make_train_step
@@ -83,8 +85,8 @@ def _batch(rows=4, t=16, seed=0):
     seg = np.ones((rows, t), np.int32)
     seg[:, t // 2:] = 2
     pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])
-    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((rows, t), np.float32),
-            "positions": np.broadcast_to(pos, (rows, t)).astype(np.int32), "segment_ids": seg}
+    return TokenBatch(inputs=toks[:, :-1], targets=toks[:, 1:], weights=np.ones((rows, t), np.float32),
+                      positions=np.broadcast_to(pos, (rows, t)).astype(np.int32), segment_ids=seg)
 
 
 def _setup(model, accum=1, layout=None, lr=1e-2):
@@ -107,7 +109,7 @@ def test_nonfinite_batch_is_skipped_and_counted(tiny_llama):
     state, metrics = step(state, _batch())
     before = _host(state.params), _host(state.opt_state)
     poisoned = _batch(seed=1)
-    poisoned["weights"][0, 3] = np.nan
+    poisoned.weights[0, 3] = np.nan
     state, metrics = step(state, poisoned)
     assert int(metrics["nonfinite"]) == 1 and int(state.nonfinite_count) == 1 and int(state.nonfinite_streak) == 1
     assert int(state.step) == 2
@@ -119,7 +121,7 @@ def test_nonfinite_batch_is_skipped_and_counted(tiny_llama):
 
 def test_grad_accumulation_equals_full_batch(tiny_llama):
     batch = _batch(rows=4)
-    batch["weights"][1, :5] = 0.0  # unequal token counts per microbatch: the mean must still be global
+    batch.weights[1, :5] = 0.0  # unequal token counts per microbatch: the mean must still be global
     graphdef, params = nnx.split(tiny_llama.module)
     grads = [jax.jit(lambda p, b, a=accum: _loss_and_grads(LMStrategy(chunk_tokens=24), graphdef, None, p, b, None, a))(
         params, batch) for accum in (1, 2)]
@@ -215,7 +217,7 @@ def test_kd_lowers_held_out_kl(tmp_path):
 def test_repeated_nonfinite_steps_stop_with_a_clear_message(tmp_path):
     nj.init("tiny-llama", seed=1).save(tmp_path / "start")  # model.source may be a saved model directory
     recipe = load_recipe(ROOT / "configs" / "recipes" / "sft-tiny.yaml", [
-        f"output_dir={tmp_path}/run", f"model.source={tmp_path / 'start'}", "data.path=",
+        f"output_dir={tmp_path}/run", f"model.source={tmp_path / 'start'}", "data.path=synthetic:gsm8k",
         "data.synthetic_examples=32", "data.eval_examples=0",
         "data.seq_len=128", "steps=20", "checkpoint_every=1", "log_every=1", "max_nonfinite_steps=3",
         "optimizer.lr=1e30", "optimizer.clip_norm=null", "optimizer.warmup_steps=0", "model.scan_layers=false",
@@ -238,7 +240,7 @@ def test_repeated_nonfinite_steps_stop_with_a_clear_message(tmp_path):
 # ---------------------------------------------------------------- exact resume after SIGKILL
 def _train_cmd(out: Path) -> list[str]:
     return [sys.executable, "-m", "nemotron_jax", "train", str(ROOT / "configs" / "recipes" / "sft-tiny.yaml"),
-            f"output_dir={out}", "data.path=", "data.synthetic_examples=48", "data.eval_examples=4",
+            f"output_dir={out}", "data.path=synthetic:gsm8k", "data.synthetic_examples=48", "data.eval_examples=4",
             "data.seq_len=128", "data.batch_size=2", "steps=16", "checkpoint_every=3", "log_every=1",
             "eval_every=8", "model.scan_layers=false", "progress=false"]
 
@@ -266,12 +268,30 @@ def test_sigkill_and_restart_gives_identical_run(tmp_path):
     proc.wait()
     killed_at = len(_losses_safe(metrics))
     assert killed_at < 16
+    # TensorBoard events are flushed at every checkpoint: the curve up to the last one survives the kill.
+    saved = max(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
+    rows = [json.loads(line) for line in _losses_safe(metrics)]
+    scalars = sum(1 for r in rows if r["step"] <= saved for k, v in r.items() if k != "step" and np.isfinite(v))
+    assert _event_records(resumed / "tb") >= scalars > 0
     done = subprocess.run(_train_cmd(resumed), env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "resuming from checkpoint step" in done.stderr
     assert _losses(resumed) == _losses(reference) and len(_losses(reference)) == 16
     a, b = flat_params(nj.load(reference / "model").module), flat_params(nj.load(resumed / "model").module)
     assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+def _event_records(tb: Path) -> int:
+    """Complete TFRecord records (length, crc, data, crc) in a run's TensorBoard event files."""
+    count = 0
+    for file in tb.glob("events.out.tfevents.*"):
+        data, pos = file.read_bytes(), 0
+        while pos + 12 <= len(data):
+            length = int.from_bytes(data[pos:pos + 8], "little")
+            if pos + 12 + length + 4 > len(data):
+                break
+            pos, count = pos + 12 + length + 4, count + 1
+    return count
 
 
 def _losses_safe(path: Path) -> list[str]:

@@ -30,12 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
+    from nemotron_jax.api import init, load
     from nemotron_jax.cli.plan_commands import parse_mesh
     from nemotron_jax.data.sources import eval_records
     from nemotron_jax.eval.perplexity import evaluate_loss
     from nemotron_jax.eval.reasoning import evaluate_reasoning
     from nemotron_jax.eval.report import format_table
-    from nemotron_jax.model import init, load
     from nemotron_jax.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_file(args.tokenizer)

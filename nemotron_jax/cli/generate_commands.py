@@ -57,7 +57,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def load_model(source: str, dtype: str = "float32") -> Any:
     """A model from a path `nj.load` reads, or a preset name initialised with random weights."""
-    from nemotron_jax.model import init, load
+    from nemotron_jax.api import init, load
     from nemotron_jax.presets import preset_names
 
     if Path(source).exists():

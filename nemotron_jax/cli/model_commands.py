@@ -58,7 +58,7 @@ def info(args: argparse.Namespace) -> None:
 
 
 def convert(args: argparse.Namespace) -> None:
-    from nemotron_jax.model import load
+    from nemotron_jax.api import load
 
     src = Path(args.src)
     to_hf = (src / SAVED_CONFIG).is_file()
@@ -80,7 +80,7 @@ def _checkpoint_dtype(src: Path) -> str:
 def demo(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from nemotron_jax.model import init, load
+    from nemotron_jax.api import init, load
     from nemotron_jax.presets import preset
 
     cfg = preset(args.preset)

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from nemotron_jax.distributed import initialize
-    from nemotron_jax.train import load_recipe, run_recipe
+    from nemotron_jax.recipes import load_recipe, run_recipe
 
     initialize()  # joins a multi-host job when NEMOTRON_JAX_COORDINATOR (or the cluster) says so
     recipe = load_recipe(args.recipe, args.overrides)

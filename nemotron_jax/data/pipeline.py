@@ -18,25 +18,25 @@ from typing import Any, Literal
 
 import grain
 import jax
-import numpy as np
 
 from nemotron_jax.data import synthetic
+from nemotron_jax.data.batch import TokenBatch
 from nemotron_jax.data.examples import ExampleFormat, Kind, Reasoning, checker, make_example
-from nemotron_jax.data.packing import ROW_FIELDS, PackedDataset, PackStats, empty_row, pack
-from nemotron_jax.data.sources import DataError, open_source, skip_summary
+from nemotron_jax.data.packing import PackedDataset, PackStats, empty_row, pack
+from nemotron_jax.data.sources import open_source, skip_summary
+from nemotron_jax.errors import DataError
 from nemotron_jax.tokenizer import Tokenizer
-
-Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the data is and how it becomes batches of packed rows.
 
-    `path`: files/globs (.jsonl/.json/.parquet, comma-separated) or `tfds:NAME:SPLIT`, relative
-    to the working directory. `synthetic` (`text`, `gsm8k`, `arith`, ...: `data.synthetic.GENERATORS`):
-    when `path` is empty or does not exist, generate `synthetic_examples` records under
-    `{output_dir}/data/` and use those.
+    `path`: files/globs (.jsonl/.json/.parquet, comma-separated) relative to the working
+    directory, `tfds:NAME:SPLIT`, or `synthetic:KIND` (`text`, `gsm8k`, `arith`, ...:
+    `data.synthetic.GENERATORS`): `synthetic_examples` records generated once under
+    `{output_dir}/data/`. Synthetic data is used only when `path` asks for it; a path that does
+    not exist is an error naming it.
     `batch_size` is the global number of rows per step; `max_examples` keeps only the first N
     training records (a small slice).
     """
@@ -54,20 +54,17 @@ class DataConfig:
     pack_window: int = 256
     shuffle: bool = True
     on_error: Literal["raise", "skip"] = "raise"
-    synthetic: str = "none"  # "none" or a name in nemotron_jax.data.synthetic.GENERATORS
     synthetic_examples: int = 512
 
 
 def resolve_path(cfg: DataConfig, output_dir: str | Path) -> str:
-    """The data path to read, generating synthetic data first when so configured."""
-    if cfg.path and (cfg.path.startswith("tfds:") or any(ch in cfg.path for ch in "*?[,")
-                     or Path(cfg.path).exists()):
-        return cfg.path
-    if cfg.synthetic == "none":
-        raise DataError(f"{cfg.path or 'data.path'}: no such data file (set data.path, or data.synthetic "
-                        "to text or gsm8k to generate a small data set)")
-    out = Path(output_dir) / "data" / f"synthetic-{cfg.synthetic}.jsonl"
-    return str(synthetic.ensure(cfg.synthetic, out, cfg.synthetic_examples))
+    """The data path to read (synthetic data generated first when `path` is `synthetic:KIND`)."""
+    if not cfg.path:
+        raise DataError("data.path is empty: set it to data files, tfds:NAME:SPLIT or synthetic:KIND "
+                        "(e.g. data.path=synthetic:gsm8k)")
+    kind = synthetic.kind_of(cfg.path)
+    out = Path(output_dir) / "data" / f"synthetic-{kind}.jsonl"
+    return synthetic.materialize(cfg.path, out, cfg.synthetic_examples)
 
 
 class DataPipeline:
@@ -106,7 +103,7 @@ class DataPipeline:
         if cfg.shuffle:
             shard = shard.shuffle(seed=seed)
         self.dataset = PackedDataset(shard.repeat(), cfg.seq_len, cfg.pack_window, seed).batch(
-            self.rows, drop_remainder=True)
+            self.rows, drop_remainder=True).map(lambda rows: TokenBatch(**rows))
 
     def train_iterator(self, state: dict[str, Any] | None = None) -> grain.DatasetIterator:
         """An endless iterator of local batches, positioned at `state` when given."""
@@ -115,7 +112,7 @@ class DataPipeline:
             it.set_state(state)
         return it
 
-    def eval_batches(self, max_batches: int | None = None) -> list[Batch]:
+    def eval_batches(self, max_batches: int | None = None) -> list[TokenBatch]:
         """The held-out examples of this host, packed and batched; the last batch is padded with
         empty rows (weights 0). Empty when there is no held-out data."""
         examples = self.eval_examples[self.shard_index::self.shard_count]
@@ -124,7 +121,7 @@ class DataPipeline:
         for start in range(0, len(rows), self.rows):
             chunk = rows[start:start + self.rows]
             chunk += [empty_row(self.cfg.seq_len) for _ in range(self.rows - len(chunk))]
-            batches.append({k: np.stack([r[k] for r in chunk]) for k in ROW_FIELDS})
+            batches.append(TokenBatch.stack(chunk))
         return batches[:max_batches] if max_batches else batches
 
     @staticmethod

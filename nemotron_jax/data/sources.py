@@ -16,13 +16,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from nemotron_jax.data import synthetic
+from nemotron_jax.errors import DataError
+
 Record = dict[str, Any]
 Check = Callable[[Record], None]  # raises ValueError(reason) for a record it cannot use
 OnError = Literal["raise", "skip"]
-
-
-class DataError(ValueError):
-    """Training data is missing, empty or malformed; the message names the file and line."""
 
 
 class _Skips:
@@ -247,9 +246,8 @@ def eval_records(spec: str, limit: int | None = None, seed: int = 0, check: Chec
     """Records to evaluate on: `synthetic:KIND` is `limit` (default 256) problems of that task's
     held-out split (never generated for training); anything else is opened as a source (records
     checked by `check`) and its first `limit` records are read."""
-    if spec.startswith("synthetic:"):
-        from nemotron_jax.data.synthetic import heldout_records
-
-        return heldout_records(spec.split(":", 1)[1], 256 if limit is None else limit, seed)
+    kind = synthetic.kind_of(spec)
+    if kind is not None:
+        return synthetic.heldout_records(kind, 256 if limit is None else limit, seed)
     source = open_source(spec, check=check)
     return [source[i] for i in range(len(source) if limit is None else min(limit, len(source)))]

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from nemotron_jax.data import arith
+from nemotron_jax.errors import DataError
 
 _NAMES = ["Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivan", "June"]
 _THINGS = ["apples", "books", "coins", "pens", "shells", "stamps", "cards", "eggs"]
@@ -78,12 +79,13 @@ GENERATORS = {"text": text_records, "gsm8k": gsm8k_records, "arith": arith.arith
 
 
 HELD_OUT = ("arith", "chain", "chain4")  # the tasks with a test split
+PREFIX = "synthetic:"
 
 
 def heldout_records(kind: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """`n` problems of task `kind`'s test split: never generated for training."""
     if kind not in HELD_OUT:
-        raise ValueError(f"synthetic:{kind} has no held-out split; expected one of "
+        raise DataError(f"synthetic:{kind} has no held-out split; expected one of "
                          + ", ".join(f"synthetic:{k}" for k in HELD_OUT))
     return GENERATORS[kind](n, seed=seed, split="test")
 
@@ -101,6 +103,28 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
 def ensure(kind: str, path: str | Path, n: int, seed: int = 0) -> Path:
     """`path`, generating `n` synthetic `kind` records there first if it does not exist yet."""
     if kind not in GENERATORS:
-        raise ValueError(f"unknown synthetic data kind {kind!r}; expected one of {sorted(GENERATORS)}")
+        raise DataError(f"unknown synthetic data kind {kind!r}; expected one of {sorted(GENERATORS)}")
     path = Path(path)
     return path if path.is_file() else write_jsonl(path, GENERATORS[kind](n, seed))
+
+
+def kind_of(spec: str) -> str | None:
+    """The task named by a data spec `synthetic:KIND` (checked), or None for any other spec.
+
+    This is the one place the `synthetic:` prefix is read: every data path in a recipe or on the
+    command line may be `synthetic:KIND`, and synthetic data is used only when asked for so."""
+    if not spec.startswith(PREFIX):
+        return None
+    kind = spec[len(PREFIX):]
+    if kind not in GENERATORS:
+        raise DataError(f"{spec}: unknown synthetic data kind {kind!r}; expected one of "
+                        + ", ".join(PREFIX + k for k in sorted(GENERATORS)))
+    return kind
+
+
+def materialize(spec: str, path: str | Path, n: int, seed: int = 0) -> str:
+    """The readable data path for `spec`: `synthetic:KIND` generates `n` records at `path` first
+    (once; later calls reuse the file); any other spec is returned as it is, to be opened (and
+    reported if missing) by `sources.open_source`."""
+    kind = kind_of(spec)
+    return spec if kind is None else str(ensure(kind, path, n, seed))

@@ -15,7 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from nemotron_jax import rewards
-from nemotron_jax.model import Model
+from nemotron_jax.api import Model
 from nemotron_jax.tokenizer import Tokenizer
 
 # Recommended decoding per mode (SPEC §3): on 0.6 / 0.95, off greedy.

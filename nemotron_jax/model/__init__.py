@@ -1,6 +1,6 @@
-"""The heterogeneous Nemotron-NAS decoder (NNX modules) and the `Model` handle."""
+"""The heterogeneous decoder as NNX modules: blocks that follow their `BlockConfig`, the stack."""
 
-from nemotron_jax.model.model import Model, forward, init, load
+from nemotron_jax.model.forward import forward
 from nemotron_jax.model.transformer import Block, Policy, Transformer
 
-__all__ = ["Block", "Model", "Policy", "Transformer", "forward", "init", "load"]
+__all__ = ["Block", "Policy", "Transformer", "forward"]

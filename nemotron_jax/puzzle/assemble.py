@@ -15,9 +15,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from nemotron_jax.api import Model
 from nemotron_jax.config import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from nemotron_jax.data.pipeline import DataConfig
-from nemotron_jax.model.model import Model
 from nemotron_jax.model.params import assemble, flat_params
 from nemotron_jax.model.transformer import Policy
 from nemotron_jax.puzzle import subblocks as sb
@@ -66,19 +66,19 @@ def kd_recover(student_dir: str | Path, teacher_dir: str | Path, output_dir: str
     Uses the training package's `kd` recipe: forward KL(parent‖child) on logits plus
     (1 − cos) on the final hidden states, weights `kl_weight` : `cosine_weight`, no LM term.
     Returns the distilled child (also saved in `{output_dir}/model`)."""
-    from nemotron_jax.train import Recipe, run_recipe
+    from nemotron_jax.train import KDRecipe, run_training
     from nemotron_jax.train.config import KDConfig as RecipeKD
     from nemotron_jax.train.config import ModelSpec, TeacherSpec
     from nemotron_jax.train.optim import OptimizerConfig
 
-    recipe = Recipe(
-        kind="kd", output_dir=str(output_dir), seed=seed, steps=cfg.steps, log_every=max(1, min(10, cfg.steps)),
+    recipe = KDRecipe(
+        output_dir=str(output_dir), seed=seed, steps=cfg.steps, log_every=max(1, min(10, cfg.steps)),
         checkpoint_every=max(1, cfg.steps // 2), progress=progress, eval_batches=2,
         model=ModelSpec(source=str(student_dir)), teacher=TeacherSpec(source=str(teacher_dir)),
         kd=RecipeKD(kl_weight=cfg.kl_weight, cosine_weight=cfg.cosine_weight, lm_weight=0.0),
         data=dataclasses.replace(data), optimizer=OptimizerConfig(
             lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0))
-    return run_recipe(recipe).model
+    return run_training(recipe).model
 
 
 def numpy_flat(model: Model) -> dict[tuple, np.ndarray]:

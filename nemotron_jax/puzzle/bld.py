@@ -29,14 +29,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
+from nemotron_jax.api import Model
 from nemotron_jax.config import ModelConfig
-from nemotron_jax.model.model import Model
+from nemotron_jax.data.batch import TokenBatch as Batch
 from nemotron_jax.puzzle import subblocks as sb
 from nemotron_jax.puzzle.config import BLDConfig
 from nemotron_jax.puzzle.library import Library
 
 Trainables = dict[str, dict[str, jax.Array]]  # "slot/name" -> {"path/in/module": weight}
-Batch = dict[str, np.ndarray]
 EPS = 1e-6
 
 
@@ -78,8 +78,8 @@ def layer_losses(cfg: ModelConfig, trainables: Trainables, acts: tuple[jax.Array
 def parent_activations(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]
                        ) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
     """Per layer the parent's (block input, mid-block state, block output)."""
-    inputs, mids, final = sb.capture(nnx.merge(graphdef, state), batch["inputs"], batch["positions"],
-                                     batch["segment_ids"])
+    inputs, mids, final = sb.capture(nnx.merge(graphdef, state), batch.inputs, batch.positions,
+                                     batch.segment_ids)
     return list(zip(inputs, mids, [*inputs[1:], final], strict=True))
 
 
@@ -115,19 +115,15 @@ def evaluate(library: Library, parent: Model, batches: list[Batch], trained: dic
     fn = jax.jit(partial(layer_losses, cfg))
     totals: dict[str, float] = {}
     for batch in batches:
-        b = _device(batch)
+        b = jax.device_put(batch)
         acts = parent_activations(graphdef, state, b)
         for i, t in per_layer.items():
-            for k, v in fn(t, acts[i], b["positions"], b["segment_ids"]).items():
+            for k, v in fn(t, acts[i], b.positions, b.segment_ids).items():
                 totals[f"{i}/{k}"] = totals.get(f"{i}/{k}", 0.0) + float(v) / len(batches)
     for i, c in library.all():
         if not c.params:
             totals[f"{i}/{c.kind}/{c.name}"] = 1.0
     return totals
-
-
-def _device(batch: Batch) -> dict[str, jax.Array]:
-    return {k: jnp.asarray(batch[k]) for k in ("inputs", "positions", "segment_ids")}
 
 
 def train_bld(library: Library, parent: Model, batches: Iterator[Batch], cfg: BLDConfig, ckpt_dir: str | Path,
@@ -172,12 +168,12 @@ def train_bld(library: Library, parent: Model, batches: Iterator[Batch], cfg: BL
         bar = tqdm(total=cfg.steps, initial=start, desc="bld", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True)
         for s in range(start + 1, cfg.steps + 1):
-            b = _device(next(batches))
+            b = jax.device_put(next(batches))
             acts = parent_activations(graphdef, parent_state, b)
             step_losses = []
             for key, entry in state["layers"].items():
-                t, o, losses = jitted(entry["trainables"], entry["opt_state"], acts[int(key)], b["positions"],
-                                      b["segment_ids"])
+                t, o, losses = jitted(entry["trainables"], entry["opt_state"], acts[int(key)], b.positions,
+                                      b.segment_ids)
                 state["layers"][key] = {"trainables": t, "opt_state": o}
                 step_losses.extend(losses.values())
             if s % 10 == 0 or s == cfg.steps:

@@ -140,7 +140,7 @@ class PuzzleConfig:
     seed: int = 0
     parent: ParentConfig = ParentConfig()
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(
-        synthetic="text", eval_examples=64, seq_len=128, batch_size=16))
+        path="synthetic:text", eval_examples=64, seq_len=128, batch_size=16))
     library: LibraryConfig = LibraryConfig()
     bld: BLDConfig = BLDConfig()
     score: ScoreConfig = ScoreConfig()

@@ -32,7 +32,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from nemotron_jax.config import AttentionConfig, BlockConfig, ModelConfig
-from nemotron_jax.model.model import forward
+from nemotron_jax.model.forward import forward
 from nemotron_jax.model.params import abstract_model, assemble
 from nemotron_jax.model.transformer import Policy, Transformer
 from nemotron_jax.puzzle import subblocks as sb

@@ -16,28 +16,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemotron_jax.model.model import Model
-
-Batch = dict[str, np.ndarray]
+from nemotron_jax.api import Model
+from nemotron_jax.data.batch import TokenBatch as Batch
 
 
 @partial(jax.jit, static_argnums=0)
 def _logp(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
-    logits, _ = nnx.merge(graphdef, state)(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits, _ = nnx.merge(graphdef, state)(batch.inputs, batch.positions, batch.segment_ids)
     return jax.nn.log_softmax(logits, axis=-1)
 
 
 @jax.jit
 def _sums(logq_BxTxV: jax.Array, logp_BxTxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    w = batch["weights"].astype(jnp.float32)
-    ce = -jnp.take_along_axis(logq_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logq_BxTxV, axis=-1) == batch["targets"]).astype(jnp.float32)
+    w = batch.weights.astype(jnp.float32)
+    ce = -jnp.take_along_axis(logq_BxTxV, batch.targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logq_BxTxV, axis=-1) == batch.targets).astype(jnp.float32)
     kl = jnp.sum(jnp.exp(logp_BxTxV) * (logp_BxTxV - logq_BxTxV), axis=-1)
     return {"lm_loss": jnp.sum(ce * w), "accuracy": jnp.sum(correct * w), "kl": jnp.sum(kl * w), "weight": jnp.sum(w)}
-
-
-def _device(batch: Batch) -> dict[str, jax.Array]:
-    return {k: jnp.asarray(batch[k]) for k in ("inputs", "targets", "weights", "positions", "segment_ids")}
 
 
 def evaluate(model: Model, batches: list[Batch], parent: Model | None = None) -> dict[str, float]:
@@ -46,7 +41,7 @@ def evaluate(model: Model, batches: list[Batch], parent: Model | None = None) ->
     pg, ps = parent.split() if parent is not None else (None, None)
     totals: dict[str, float] = {}
     for batch in batches:
-        b = _device(batch)
+        b = jax.device_put(batch)
         logq = _logp(graphdef, state, b)
         logp = _logp(pg, ps, b) if parent is not None else logq
         for k, v in _sums(logq, logp, b).items():

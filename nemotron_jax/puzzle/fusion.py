@@ -17,8 +17,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from nemotron_jax.api import Model
 from nemotron_jax.config import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
-from nemotron_jax.model.model import Model
 from nemotron_jax.model.params import assemble, flat_params
 
 

@@ -23,10 +23,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from nemotron_jax.api import Model
 from nemotron_jax.config import AttentionConfig, FFNConfig, ModelConfig
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.model.ffn import SwiGLU
-from nemotron_jax.model.model import Model
 from nemotron_jax.model.params import flat_params
 from nemotron_jax.puzzle import subblocks as sb
 from nemotron_jax.puzzle.config import LibraryConfig
@@ -180,9 +180,9 @@ def calibration_stats(parent: Model, batches: list[dict[str, np.ndarray]]) -> li
     totals: list[list[np.ndarray] | None] = [None] * parent.config.num_layers
     count = 0
     for batch in batches:
-        count += int((np.asarray(batch["segment_ids"]) > 0).sum())
-        sums = _ffn_calibration(graphdef, state, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
-                                jnp.asarray(batch["segment_ids"]))
+        count += int((np.asarray(batch.segment_ids) > 0).sum())
+        sums = _ffn_calibration(graphdef, state, jnp.asarray(batch.inputs), jnp.asarray(batch.positions),
+                                jnp.asarray(batch.segment_ids))
         for i, s in enumerate(sums):
             if s is not None:
                 values = [np.asarray(v, np.float64) for v in s]

@@ -96,7 +96,7 @@ class Puzzle:
             return Path(p.source)
         done = self.out / "parent" / "model"
         if not done.is_dir():
-            from nemotron_jax.train import Recipe, run_recipe
+            from nemotron_jax.train import LMRecipe, run_training
             from nemotron_jax.train.config import ModelSpec
             from nemotron_jax.train.optim import OptimizerConfig
 
@@ -104,10 +104,10 @@ class Puzzle:
             config_file = self.out / "parent_config.json"
             write_json(config_file, mcfg.to_hf("llama" if mcfg.is_homogeneous else "decilm"))
             log(f"parent: training {mcfg.num_layers} layers, {mcfg.num_params():,} params for {p.train_steps} steps")
-            run_recipe(Recipe(kind="lm", output_dir=str(self.out / "parent"), seed=self.cfg.seed,
-                              steps=p.train_steps, log_every=10, checkpoint_every=max(1, p.train_steps // 2),
-                              progress=self.cfg.output.progress, model=ModelSpec(source=str(config_file)),
-                              data=self.cfg.data, optimizer=OptimizerConfig(lr=p.lr, weight_decay=0.0)))
+            run_training(LMRecipe(kind="lm", output_dir=str(self.out / "parent"), seed=self.cfg.seed,
+                                  steps=p.train_steps, log_every=10, checkpoint_every=max(1, p.train_steps // 2),
+                                  progress=self.cfg.output.progress, model=ModelSpec(source=str(config_file)),
+                                  data=self.cfg.data, optimizer=OptimizerConfig(lr=p.lr, weight_decay=0.0)))
         return done
 
     @cached_property

@@ -17,18 +17,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from nemotron_jax.api import Model
 from nemotron_jax.config import ModelConfig
-from nemotron_jax.model.model import Model
+from nemotron_jax.data.batch import TokenBatch as Batch
 from nemotron_jax.model.params import flat_params
 from nemotron_jax.puzzle import subblocks as sb
 from nemotron_jax.puzzle.bld import parent_activations
 from nemotron_jax.puzzle.library import Library
 
-Batch = dict[str, np.ndarray]
 Scores = list[dict[str, dict[str, dict[str, float]]]]  # [layer][slot][name] -> {kl, lm_loss}
 
 
@@ -51,8 +50,8 @@ def _apply(cfg: ModelConfig, variant: sb.Variant, params: sb.SubParams, x: jax.A
 @partial(jax.jit, static_argnums=(0, 2))
 def _tail(graphdef: nnx.GraphDef, state: nnx.State, start: int, x: jax.Array, batch: dict[str, jax.Array],
           parent_logp: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    logits = sb.run_tail(nnx.merge(graphdef, state), start, x, batch["positions"], batch["segment_ids"])
-    return kl_and_ce(logits, parent_logp, batch["targets"], batch["weights"])
+    logits = sb.run_tail(nnx.merge(graphdef, state), start, x, batch.positions, batch.segment_ids)
+    return kl_and_ce(logits, parent_logp, batch.targets, batch.weights)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -61,17 +60,13 @@ def _parent_logp(graphdef: nnx.GraphDef, state: nnx.State, final: jax.Array) -> 
     return jax.nn.log_softmax(model.project(model.final_norm(final)), axis=-1)
 
 
-def _device(batch: Batch) -> dict[str, jax.Array]:
-    return {k: jnp.asarray(batch[k]) for k in ("inputs", "targets", "weights", "positions", "segment_ids")}
-
-
 class ParentCache:
     """The parent's per-layer activations and log-probabilities on held-out batches, computed once."""
 
     def __init__(self, parent: Model, batches: list[Batch]):
         self.graphdef, self.state = parent.split()
         self.config = parent.config
-        self.batches = [_device(b) for b in batches]
+        self.batches = [jax.device_put(b) for b in batches]
         self.acts, self.logp = [], []
         for b in self.batches:
             acts = parent_activations(self.graphdef, self.state, b)
@@ -97,11 +92,11 @@ class ParentCache:
         for b, acts in zip(self.batches, self.acts, strict=True):
             x_in, mid, _ = acts[layer]
             if sb.kind_of(variant) == "attention":
-                mid = _apply(cfg, sb.plain_variant(variant), params, x_in, b["positions"], b["segment_ids"])
+                mid = _apply(cfg, sb.plain_variant(variant), params, x_in, b.positions, b.segment_ids)
                 ffn = sb.parent_variants(cfg, layer)[1]
-                out = _apply(cfg, ffn, self.parent_params[(layer, "ffn")], mid, b["positions"], b["segment_ids"])
+                out = _apply(cfg, ffn, self.parent_params[(layer, "ffn")], mid, b.positions, b.segment_ids)
             else:
-                out = _apply(cfg, sb.plain_variant(variant), params, mid, b["positions"], b["segment_ids"])
+                out = _apply(cfg, sb.plain_variant(variant), params, mid, b.positions, b.segment_ids)
             outs.append(out)
         return self.tail_from(layer + 1, outs)
 

@@ -1,11 +1,18 @@
-"""Configuration of the RL and preference recipes (typed, validated by `typed_yaml.from_dict`)."""
+"""The RL and preference recipe types (`grpo`, `dpo`) and their sections.
+
+Both are a `train.config.RunConfig` (run fields, model, optimiser, mesh) plus what on-policy and
+preference training add: where the policy starts, the prompts, how responses are sampled, and
+the algorithm's own settings. Loaded by kind through `nemotron_jax.recipes`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
+from nemotron_jax.errors import ConfigError
 from nemotron_jax.sharding import MeshConfig
+from nemotron_jax.train.config import RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,3 +86,60 @@ class StartConfig:
     sft_lr: float = 3e-3
     sft_batch_size: int = 8
     sft_seq_len: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+    """RL recipes read no training files; their `data` section names only the tokenizer."""
+
+    tokenizer: str = "tiny"
+
+
+@dataclasses.dataclass(frozen=True)
+class RLRecipe(RunConfig):
+    """What GRPO and DPO share: `steps` are iterations (one batch of rollouts or pairs each)."""
+
+    data: TokenizerSpec = dataclasses.field(default_factory=TokenizerSpec)
+    start: StartConfig = dataclasses.field(default_factory=StartConfig)
+    prompts: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        s = self.sampling
+        if s.group_size < 1 or s.max_new_tokens < 1:
+            raise ConfigError("sampling.group_size and sampling.max_new_tokens must be >= 1")
+        if s.temperature < 0 or not 0 < s.top_p <= 1:
+            raise ConfigError(f"sampling.temperature must be >= 0 and top_p in (0, 1], got {s.temperature}, {s.top_p}")
+        if not 0 <= self.prompts.thinking_ratio <= 1:
+            raise ConfigError(f"prompts.thinking_ratio must lie in [0, 1], got {self.prompts.thinking_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPORecipe(RLRecipe):
+    """On-policy RL: GRPO or RLOO advantages, clipped ratio, optional KL to the start policy."""
+
+    kind: Literal["grpo"] = "grpo"  # type: ignore[assignment]
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        g = self.grpo
+        if g.prompts_per_iteration < 1 or g.updates_per_iteration < 1:
+            raise ConfigError("grpo.prompts_per_iteration and grpo.updates_per_iteration must be >= 1")
+        if g.clip_low < 0 or g.clip_high < 0 or g.kl_coef < 0:
+            raise ConfigError("grpo.clip_low, grpo.clip_high and grpo.kl_coef must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPORecipe(RLRecipe):
+    """Preference optimisation (DPO / RPO) on offline pairs or online best-vs-worst rollouts."""
+
+    kind: Literal["dpo"] = "dpo"  # type: ignore[assignment]
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        d = self.dpo
+        if d.beta <= 0 or d.pairs_per_iteration < 1 or d.updates_per_iteration < 1:
+            raise ConfigError("dpo.beta must be > 0; dpo.pairs_per_iteration, dpo.updates_per_iteration >= 1")

@@ -1,25 +1,25 @@
-"""GRPO (and RLOO): each iteration samples G responses per prompt from the current weights,
-scores them on host, turns rewards into group advantages and takes K clipped-ratio updates.
-
-The update is the one train step with `GRPOStrategy`; the frozen reference policy for the KL
-term is its "teacher"; the loop is `nemotron_jax.rl.loop.run_policy_loop`. Rollout, scoring and
-update each report their time and tokens/s.
+"""GRPO (and RLOO) as a batch source: each iteration samples G responses per prompt from the
+current weights, scores them on host and turns rewards into group advantages; the one loop
+(`train.loop.run`) then takes K clipped-ratio updates on that batch with `GRPOStrategy`, the
+frozen reference policy for the KL term being its "teacher". Rollout, scoring and update each
+report their time and tokens/s.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import jax
 from flax import nnx
 from tqdm.auto import tqdm
 
 from nemotron_jax import rewards
-from nemotron_jax.model.model import Model
-from nemotron_jax.rl.config import GRPOConfig, PromptConfig, SamplingConfig
-from nemotron_jax.rl.loop import run_policy_loop
+from nemotron_jax.api import Model
+from nemotron_jax.data.batch import PolicyBatch
+from nemotron_jax.rl.config import GRPORecipe, RLRecipe
 from nemotron_jax.rl.prompts import PromptSchedule, load_heldout_prompts, load_prompts, measure_pass_rates
 from nemotron_jax.rl.rollout import (
     advantages_for,
@@ -34,14 +34,14 @@ from nemotron_jax.rl.rollout import (
 from nemotron_jax.rl.strategies import GRPOStrategy
 from nemotron_jax.sharding import Layout
 from nemotron_jax.tokenizer import Tokenizer
-from nemotron_jax.train.loop import TrainResult
+from nemotron_jax.train.sources import StepCounter, host_rows
 
 
-class RolloutSource:
+class RolloutSampler:
     """Prompts (with toggle mix, filtering, curriculum) + sampling: rollouts from given weights."""
 
-    def __init__(self, recipe: Any, model: Model, tokenizer: Tokenizer, sampling: SamplingConfig,
-                 prompts_cfg: PromptConfig, per_iteration: int):
+    def __init__(self, recipe: RLRecipe, model: Model, tokenizer: Tokenizer, per_iteration: int):
+        sampling, prompts_cfg = recipe.sampling, recipe.prompts
         self.graphdef = nnx.graphdef(model.module)
         self.tokenizer, self.sampling, self.seed = tokenizer, sampling, recipe.seed
         self.rollout_layout: Layout | None = (sampling.rollout_mesh.layout() if sampling.rollout_mesh is not None
@@ -77,17 +77,25 @@ class RolloutSource:
         return r
 
 
-def run_grpo(recipe: Any, model: Model, tokenizer: Tokenizer, cfg: GRPOConfig,
-             sampling: SamplingConfig, prompts: PromptConfig) -> TrainResult:
-    source = RolloutSource(recipe, model, tokenizer, sampling, prompts, cfg.prompts_per_iteration)
+class GRPOSource(StepCounter):
+    """Iteration i: rollouts of the schedule's prompts from the current weights -> a `PolicyBatch`
+    of the informative groups with their advantages; held-out accuracy every `eval_every`."""
 
-    heldout = load_heldout_prompts(prompts, recipe.seed)
+    def __init__(self, recipe: GRPORecipe, model: Model, tokenizer: Tokenizer):
+        super().__init__()
+        self.recipe, self.cfg = recipe, recipe.grpo
+        self.sampler = RolloutSampler(recipe, model, tokenizer, recipe.grpo.prompts_per_iteration)
+        self.heldout = load_heldout_prompts(recipe.prompts, recipe.seed)
+        shards = model.layout.batch_shards if model.layout is not None else 1
+        self.shards = math.lcm(shards, jax.process_count())  # rows split evenly over the mesh and the hosts
 
-    def produce(i: int, params: nnx.State) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
-        r = source.iteration(i, params)
+    def next_batch(self, step: int, params: nnx.State) -> tuple[PolicyBatch | None, dict[str, float]]:
+        i, cfg, recipe = step - 1, self.cfg, self.recipe
+        self.done = step
+        r = self.sampler.iteration(i, params)
         metrics = rollout_metrics(r)
-        if heldout and recipe.eval_every and (i == 0 or (i + 1) % recipe.eval_every == 0):
-            h = rollout_metrics(source.sample(params, heldout, group=4, seed=recipe.seed + 99))
+        if self.heldout and recipe.eval_every and (i == 0 or step % recipe.eval_every == 0):
+            h = rollout_metrics(self.sampler.sample(params, self.heldout, group=4, seed=recipe.seed + 99))
             metrics.update({f"heldout_{k}": v for k, v in h.items() if k.startswith(("accuracy", "format_rate"))})
         total = len(r.responses)
         rows = informative_rows(r) if cfg.skip_flat_groups and cfg.kl_coef == 0 else list(range(total))
@@ -95,14 +103,15 @@ def run_grpo(recipe: Any, model: Model, tokenizer: Tokenizer, cfg: GRPOConfig,
         if not rows:
             return None, metrics
         # Few shapes, few compilations: one sequence bucket for the longest possible row, and a
-        # power-of-two row count of at least a quarter of the rollout.
-        seq_len = bucket(max(len(p) for p in r.prompt_ids) + sampling.max_new_tokens - 1)
+        # power-of-two row count of at least a quarter of the rollout, split evenly over the mesh.
+        seq_len = bucket(max(len(p) for p in r.prompt_ids) + recipe.sampling.max_new_tokens - 1)
         num_rows = min(total, max(total // 4, 1 << (len(rows) - 1).bit_length()))
-        shards = model.layout.batch_shards if model.layout is not None else 1
-        num_rows = -(-num_rows // shards) * shards  # rows split evenly over the mesh
+        num_rows = -(-num_rows // self.shards) * self.shards
         batch = policy_batch(r, advantages_for(r, cfg.advantage, cfg.normalize_std), cfg.aggregation,
                              seq_len=seq_len, rows=rows, num_rows=num_rows)
-        return batch, metrics
+        return host_rows(batch), metrics
 
-    strategy = GRPOStrategy(cfg.clip_low, cfg.clip_high, cfg.kl_coef, cfg.aggregation, recipe.loss_chunk_tokens)
-    return run_policy_loop(recipe, model, strategy, produce, cfg.updates_per_iteration, desc=cfg.advantage)
+
+def grpo_strategy(recipe: GRPORecipe) -> GRPOStrategy:
+    g = recipe.grpo
+    return GRPOStrategy(g.clip_low, g.clip_high, g.kl_coef, g.aggregation, recipe.loss_chunk_tokens)

@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from nemotron_jax.data.batch import PairBatch
 from nemotron_jax.rl.rollout import Prompt, Rollout, bucket
 from nemotron_jax.tokenizer import Tokenizer
-
-PAIR_FIELDS = ("inputs", "targets", "positions", "segment_ids", "response_mask", "weights", "reward_gap")
 
 
 def _messages(record: dict[str, Any]) -> tuple[list[dict[str, str]], bool | None]:
@@ -59,22 +58,20 @@ def encode_pair(tokenizer: Tokenizer, record: dict[str, Any]) -> tuple[list[tupl
 
 
 def pair_batch(encoded: Sequence[tuple[list[tuple[list[int], list[bool]]], float]],
-               seq_len: int | None = None) -> dict[str, np.ndarray]:
+               seq_len: int | None = None) -> PairBatch:
     """Interleaved chosen/rejected rows, truncated or padded to `seq_len` (default: a bucket of the longest)."""
     rows = [seq for pair, _ in encoded for seq in pair]
     t = seq_len or bucket(max(len(ids) for ids, _ in rows) - 1)
-    b = len(rows)
-    batch = {k: np.zeros((b, t), np.float32 if k in ("response_mask", "weights", "reward_gap") else np.int32)
-             for k in PAIR_FIELDS}
+    batch = PairBatch.zeros(len(rows), t)
     for i, (ids, mask) in enumerate(rows):
         ids, mask = np.asarray(ids[: t + 1], np.int32), np.asarray(mask[: t + 1], bool)
         n = len(ids) - 1
-        batch["inputs"][i, :n], batch["targets"][i, :n] = ids[:-1], ids[1:]
-        batch["positions"][i, :n], batch["segment_ids"][i, :n] = np.arange(n), 1
-        batch["response_mask"][i, :n] = mask[1:]
+        batch.inputs[i, :n], batch.targets[i, :n] = ids[:-1], ids[1:]
+        batch.positions[i, :n], batch.segment_ids[i, :n] = np.arange(n), 1
+        batch.response_mask[i, :n] = mask[1:]
         count = max(float(mask[1:].sum()), 1.0)
-        batch["weights"][i, :n] = mask[1:] / (2.0 * count)
-        batch["reward_gap"][i, :] = encoded[i // 2][1]
+        batch.weights[i, :n] = mask[1:] / (2.0 * count)
+        batch.reward_gap[i, :] = encoded[i // 2][1]
     return batch
 
 

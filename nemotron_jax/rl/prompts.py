@@ -20,6 +20,7 @@ import grain
 import numpy as np
 from tqdm.auto import tqdm
 
+from nemotron_jax.data import synthetic
 from nemotron_jax.data.sources import eval_records, open_source
 from nemotron_jax.fileio import atomic_write_text
 from nemotron_jax.rl.config import PromptConfig
@@ -28,11 +29,7 @@ from nemotron_jax.rl.rollout import Prompt
 
 def load_prompts(cfg: PromptConfig, seed: int, synthetic_dir: Path) -> list[Prompt]:
     """All usable prompts, each with its fixed reasoning mode."""
-    path = cfg.path
-    if path.startswith("synthetic:"):
-        from nemotron_jax.data import synthetic
-
-        path = str(synthetic.ensure(path.split(":", 1)[1], synthetic_dir / "rl_prompts.jsonl", 2000, seed=seed + 1))
+    path = synthetic.materialize(cfg.path, synthetic_dir / "rl_prompts.jsonl", 2000, seed=seed + 1)
     source = open_source(path, check=_check_record)
     n = len(source) if cfg.limit is None else min(cfg.limit, len(source))
     on = np.random.default_rng([seed, 7]).random(n) < cfg.thinking_ratio
@@ -45,7 +42,7 @@ def load_heldout_prompts(cfg: PromptConfig, seed: int) -> list[Prompt]:
     if cfg.eval_path:
         records = eval_records(cfg.eval_path, cfg.eval_examples or None, check=_check_record)
     elif cfg.eval_examples:
-        if not cfg.path.startswith("synthetic:"):
+        if synthetic.kind_of(cfg.path) is None:
             raise ValueError(f"prompts.eval_examples needs a synthetic prompts.path, got {cfg.path!r}; "
                              "set prompts.eval_path instead")
         try:

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from nemotron_jax import rewards
+from nemotron_jax.data.batch import PolicyBatch
 from nemotron_jax.model.params import param_shardings
 from nemotron_jax.rl.objectives import Aggregation, aggregation_weights, group_advantages
 from nemotron_jax.sampling import generate
@@ -108,7 +109,7 @@ def informative_rows(r: Rollout) -> list[int]:
 
 def policy_batch(r: Rollout, advantages_PxG: np.ndarray, aggregation: Aggregation,
                  seq_len: int | None = None, rows: Sequence[int] | None = None,
-                 num_rows: int | None = None) -> dict[str, np.ndarray]:
+                 num_rows: int | None = None) -> PolicyBatch:
     """Rows prompt+response; targets weighted on response tokens only; old log-probs aligned to them.
 
     `rows` selects a subset of the rollout's rows; `num_rows` pads the batch with weightless rows
@@ -133,8 +134,9 @@ def policy_batch(r: Rollout, advantages_PxG: np.ndarray, aggregation: Aggregatio
         old[i, first:first + k] = logprobs[:k]
         adv[i, first:first + k] = flat_adv[row]
     weights = np.asarray(aggregation_weights(jnp.asarray(mask), aggregation))
-    return {"inputs": inputs, "targets": targets, "positions": np.broadcast_to(np.arange(t), (b, t)).copy(),
-            "segment_ids": segment, "weights": weights, "old_logprobs": old, "advantages": adv}
+    return PolicyBatch(inputs=inputs, targets=targets, weights=weights,
+                       positions=np.broadcast_to(np.arange(t), (b, t)).copy(), segment_ids=segment,
+                       old_logprobs=old, advantages=adv)
 
 
 def advantages_for(r: Rollout, kind: str, normalize_std: bool) -> np.ndarray:

@@ -1,7 +1,7 @@
-"""Training: one loop (`loop.train`) over strategies (`lm`, `kd`), recipes from YAML."""
+"""Training: the one loop (`loop.run`) over strategies and batch sources, and the data recipes."""
 
-from nemotron_jax.train.config import Recipe, load_recipe
-from nemotron_jax.train.loop import TrainingError, TrainResult, train
-from nemotron_jax.train.recipes import run_recipe
+from nemotron_jax.train.config import KDRecipe, LMRecipe, RunConfig
+from nemotron_jax.train.loop import TrainingError, TrainResult, run
+from nemotron_jax.train.recipes import run_training
 
-__all__ = ["Recipe", "TrainResult", "TrainingError", "load_recipe", "run_recipe", "train"]
+__all__ = ["KDRecipe", "LMRecipe", "RunConfig", "TrainResult", "TrainingError", "run", "run_training"]

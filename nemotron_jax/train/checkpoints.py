@@ -15,7 +15,7 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 
-from nemotron_jax.train.state import TrainState, abstract_state
+from nemotron_jax.train.state import abstract_state
 
 
 class IteratorState(grain.DatasetIterator):
@@ -36,6 +36,8 @@ class IteratorState(grain.DatasetIterator):
 
 
 class RunCheckpoints:
+    """The checkpoints of one run (every kind, and Puzzle's BLD): keep-N, async, atomic."""
+
     def __init__(self, directory: str | Path, keep: int = 2, use_async: bool = True):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
@@ -45,20 +47,21 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
+    def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(IteratorState(data_state)),
             meta=ocp.args.JsonSave(meta)))
 
-    def restore(self, step: int, like: TrainState, iterator: grain.DatasetIterator
-                ) -> tuple[TrainState, dict[str, Any]]:
-        """(state, meta) of checkpoint `step`, in the shardings of `like`; sets `iterator`'s state."""
+    def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """(state, data state, meta) of checkpoint `step`; the state in the shardings of `like`
+        (any pytree of arrays: a `TrainState`, or BLD's per-layer trainables and moments)."""
+        data = IteratorState({})
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state(like)),
-            data=grain.checkpoint.CheckpointRestore(iterator),
+            data=grain.checkpoint.CheckpointRestore(data),
             meta=ocp.args.JsonRestore()))
-        return out.state, dict(out.meta)
+        return out.state, data.get_state(), dict(out.meta)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

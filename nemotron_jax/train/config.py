@@ -1,41 +1,40 @@
-"""Recipes as typed dataclasses, loaded from YAML and `key=value` overrides, validated strictly.
+"""Recipe types: one per kind, composed of the parts every kind shares.
 
-An unknown key, or a value of the wrong type, is an error naming the dotted key (`optimizer.lr`)
-and what was expected, so that a typo never silently falls back to a default.
+    RunConfig   what the one loop needs: output_dir, seed, steps, logging, checkpoints, resume,
+                and the shared parts `model` (source + `Policy`), `optimizer`, `mesh`
+    LMRecipe    + `data`                      kinds lm (pretraining), cpt, sft
+    KDRecipe    + `teacher`, `kd`             kind kd
+    (rl/config.py adds GRPORecipe and DPORecipe; `nemotron_jax.recipes` loads any of them by kind.)
+
+The YAML stays flat: run fields at the top, one section per part. Loading goes through
+`typed_yaml` (unknown keys and wrong types are errors naming the dotted key) and `validate()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import Any, ClassVar, Literal
 
 from nemotron_jax.data.pipeline import DataConfig
 from nemotron_jax.errors import ConfigError
-from nemotron_jax.rl.config import DPOConfig, GRPOConfig, PromptConfig, SamplingConfig, StartConfig
+from nemotron_jax.model.transformer import Policy
 from nemotron_jax.sharding import MeshConfig
 from nemotron_jax.train.optim import OptimizerConfig
-from nemotron_jax.typed_yaml import load_yaml
 
-Kind = Literal["kd", "cpt", "sft", "lm", "grpo", "dpo"]
 Dtype = Literal["float32", "bfloat16"]
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """`source`: a preset name (random init from `seed`), an HF directory, or a saved model
-    directory (`nj.load`). The rest is the `Policy` (how it computes)."""
+class ModelSpec(Policy):
+    """The model a recipe trains: `source` (a preset name, initialised from the recipe's `seed`;
+    an HF directory; or a saved model directory) plus how it computes (the `Policy` fields).
+    `dtype` in YAML is `Policy.param_dtype`."""
 
     source: str = "tiny-llama"
-    dtype: Dtype = "float32"
-    compute_dtype: Dtype | None = None
-    remat: str = "none"
-    scan_layers: bool = False
-    attention_impl: str = "xla"
-    ffn_impl: str = "xla"
+    yaml_aliases: ClassVar[dict[str, str]] = {"dtype": "param_dtype"}  # YAML key -> field (typed_yaml)
+
+    def policy(self) -> Policy:
+        return Policy(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Policy)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +48,9 @@ class TeacherSpec:
     pretrain_lr: float = 3e-3
     dtype: Dtype = "float32"
     compute_dtype: Dtype | None = None
+
+    def model(self) -> ModelSpec:
+        return ModelSpec(source=self.source, param_dtype=self.dtype, compute_dtype=self.compute_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +69,13 @@ class KDConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Recipe:
-    """One training run. `kind`: `lm` (pretraining), `cpt` (continued pretraining), `sft`
-    (cross-entropy on assistant tokens), `kd` (distillation from `teacher`), `grpo` (on-policy RL
-    with `grpo`, `sampling`, `prompts`, `start`) or `dpo` (preference optimisation with `dpo`)."""
+class RunConfig:
+    """The fields of every recipe kind. `steps` counts what the loop iterates over: batches for
+    data recipes, rollout iterations for RL. `resume`: `auto` continues a run in `output_dir`
+    only if its recorded `config.yaml` matches; `force` continues it anyway and records the
+    change; `never` refuses an `output_dir` that holds a run."""
 
-    kind: Kind = "lm"
+    kind: str = "lm"
     output_dir: str = "outputs/run"
     seed: int = 0
     steps: int = 100
@@ -86,44 +89,58 @@ class Recipe:
     loss_chunk_tokens: int = 4096
     peak_tflops: float = 0.0
     progress: bool = True
+    resume: Literal["auto", "force", "never"] = "auto"
     model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
-    teacher: TeacherSpec = dataclasses.field(default_factory=TeacherSpec)
-    kd: KDConfig = dataclasses.field(default_factory=KDConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    start: StartConfig = dataclasses.field(default_factory=StartConfig)
-    prompts: PromptConfig = dataclasses.field(default_factory=PromptConfig)
-    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
-    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
-    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
 
     def validate(self) -> None:
         for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps",
-                     "loss_chunk_tokens"):
+                     "loss_chunk_tokens", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0 (0: never), got {self.eval_every}")
+        self.optimizer.validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class LMRecipe(RunConfig):
+    """Next-token cross-entropy on the weighted tokens: `lm` (pretraining) and `cpt` on text,
+    `sft` on chats (assistant tokens only, with the reasoning toggle)."""
+
+    kind: Literal["lm", "cpt", "sft"] = "lm"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        super().validate()
         if self.data.seq_len < 1 or self.data.batch_size < 1:
             raise ConfigError("data.seq_len and data.batch_size must be >= 1")
         if self.data.batch_size % self.optimizer.grad_accum:
             raise ConfigError(f"data.batch_size={self.data.batch_size} must be a multiple of "
                               f"optimizer.grad_accum={self.optimizer.grad_accum}")
-        if self.kind == "kd" and not self.teacher.source:
+
+
+@dataclasses.dataclass(frozen=True)
+class KDRecipe(LMRecipe):
+    """Distillation from a frozen `teacher` (KL + optional cosine and LM terms, `kd`)."""
+
+    kind: Literal["kd"] = "kd"  # type: ignore[assignment]
+    teacher: TeacherSpec = dataclasses.field(default_factory=TeacherSpec)
+    kd: KDConfig = dataclasses.field(default_factory=KDConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.teacher.source:
             raise ConfigError("kind: kd needs teacher.source (a preset to pretrain, an HF or saved model dir)")
         if self.kd.temperature <= 0:
             raise ConfigError(f"kd.temperature must be > 0, got {self.kd.temperature}")
 
 
-def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recipe:
-    """A validated `Recipe` from a YAML file (or defaults when None) plus overrides."""
-    recipe = load_yaml(Recipe, path, overrides, what="recipe")
-    recipe.validate()
-    return recipe
-
-
-def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    return dataclasses.asdict(recipe)
-
-
-def dump_recipe(recipe: Recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+def recipe_to_dict(recipe: Any) -> dict[str, Any]:
+    """The recipe as plain YAML-able data, with `model.param_dtype` spelled `dtype` as in YAML."""
+    data = dataclasses.asdict(recipe)
+    model = data.get("model")
+    if isinstance(model, dict) and "param_dtype" in model:
+        data["model"] = {"source": model.pop("source"), "dtype": model.pop("param_dtype"), **model}
+    return data

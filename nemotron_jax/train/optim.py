@@ -14,6 +14,8 @@ from typing import Literal
 import jax
 import optax
 
+from nemotron_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -32,6 +34,18 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     clip_norm: float | None = 1.0
     grad_accum: int = 1
+
+    def validate(self) -> None:
+        """Refuse settings that would silently train wrong (a negative lr ascends the loss)."""
+        checks = [("lr", self.lr > 0, "> 0"), ("warmup_ratio", 0 <= self.warmup_ratio <= 1, "in [0, 1]"),
+                  ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"), ("b1", 0 <= self.b1 < 1, "in [0, 1)"),
+                  ("b2", 0 <= self.b2 < 1, "in [0, 1)"), ("eps", self.eps > 0, "> 0"),
+                  ("weight_decay", self.weight_decay >= 0, ">= 0"), ("grad_accum", self.grad_accum >= 1, ">= 1"),
+                  ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, ">= 0"),
+                  ("clip_norm", self.clip_norm is None or self.clip_norm > 0, "> 0 (or null for no clipping)")]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"optimizer.{name} must be {expected}, got {getattr(self, name)}")
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -61,8 +75,7 @@ def _decay_mask(params):
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(transformation, schedule): global-norm clipping, then AdamW on the schedule."""
-    if cfg.grad_accum < 1:
-        raise ValueError(f"optimizer.grad_accum must be >= 1, got {cfg.grad_accum}")
+    cfg.validate()
     schedule = make_schedule(cfg, total_steps)
     parts = [] if cfg.clip_norm is None else [optax.clip_by_global_norm(cfg.clip_norm)]
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,

@@ -19,9 +19,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from nemotron_jax.data.batch import TokenBatch as Batch
 from nemotron_jax.sharding import Layout, use_layout
 from nemotron_jax.train.state import TrainState
-from nemotron_jax.train.strategies import Batch, Strategy
+from nemotron_jax.train.strategies import Strategy
 
 Metrics = dict[str, jax.Array]
 Teacher = tuple[nnx.GraphDef, nnx.State]
@@ -40,7 +41,7 @@ def _loss_and_grads(strategy: Strategy, graphdef: nnx.GraphDef, teacher_graphdef
                     params: nnx.State, batch: Batch, teacher_params: nnx.State | None,
                     grad_accum: int) -> tuple[jax.Array, dict[str, jax.Array], nnx.State]:
     """(loss, metric sums, grads) with loss = Σ weighted token loss / Σ weights over the batch."""
-    total_w = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    total_w = jnp.maximum(jnp.sum(batch.weights), 1.0)
 
     def loss_fn(params, micro):
         teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_params)
@@ -51,7 +52,7 @@ def _loss_and_grads(strategy: Strategy, graphdef: nnx.GraphDef, teacher_graphdef
     if grad_accum == 1:
         (loss, sums), grads = grad_fn(params, batch)
         return loss, sums, grads
-    rows = batch["inputs"].shape[0]
+    rows = batch.inputs.shape[0]
     if rows % grad_accum:
         raise ValueError(f"batch of {rows} rows does not split into grad_accum={grad_accum} microbatches")
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, rows // grad_accum, *x.shape[1:]), batch)
@@ -92,7 +93,7 @@ def make_train_step(strategy: Strategy, graphdef: nnx.GraphDef, tx: optax.Gradie
             step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
             rng=rng, nonfinite_count=state.nonfinite_count + bad,
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
-        weight = jnp.sum(batch["weights"])
+        weight = jnp.sum(batch.weights)
         denom = jnp.maximum(weight, 1.0)
         metrics = {"loss": loss, "tokens": weight, "grad_norm": grad_norm,
                    "lr": schedule(state.step - state.nonfinite_count),
@@ -125,7 +126,7 @@ def make_eval_step(strategy: Strategy, graphdef: nnx.GraphDef, *, teacher: Teach
     def step(params: nnx.State, batch: Batch, teacher_params: nnx.State | None) -> Metrics:
         t = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_params)
         loss_sum, sums = strategy.loss(nnx.merge(graphdef, params), batch, t)
-        return {"loss": loss_sum, "weight": jnp.sum(batch["weights"]), **sums}
+        return {"loss": loss_sum, "weight": jnp.sum(batch.weights), **sums}
 
     def eval_step(params: nnx.State, batch: Batch) -> Metrics:
         with use_layout(layout):

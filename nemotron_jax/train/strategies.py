@@ -19,10 +19,10 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from nemotron_jax.data.batch import TokenBatch as Batch
 from nemotron_jax.model.transformer import Transformer
 from nemotron_jax.train.losses import cosine_per_token, cross_entropy_per_token, kd_per_token, lm_head
 
-Batch = dict[str, jax.Array]
 Sums = dict[str, jax.Array]
 
 
@@ -35,7 +35,7 @@ class Strategy(Protocol):
 
 
 def _hidden_N(module: Transformer, batch: Batch) -> jax.Array:
-    h_BxTxD, _ = module.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    h_BxTxD, _ = module.hidden_states(batch.inputs, batch.positions, batch.segment_ids)
     return h_BxTxD.reshape(-1, h_BxTxD.shape[-1])
 
 
@@ -50,8 +50,8 @@ class LMStrategy:
     needs_teacher: bool = False
 
     def loss(self, module: Transformer, batch: Batch, teacher: Transformer | None = None) -> tuple[jax.Array, Sums]:
-        weights_N = batch["weights"].reshape(-1)
-        ce_N = cross_entropy_per_token(_hidden_N(module, batch), lm_head(module), batch["targets"].reshape(-1),
+        weights_N = batch.weights.reshape(-1)
+        ce_N = cross_entropy_per_token(_hidden_N(module, batch), lm_head(module), batch.targets.reshape(-1),
                                        self.chunk_tokens)
         ce = _weighted_sum(ce_N, weights_N)
         return ce, {"ce": ce}
@@ -70,11 +70,11 @@ class KDStrategy:
     def loss(self, module: Transformer, batch: Batch, teacher: Transformer | None) -> tuple[jax.Array, Sums]:
         if teacher is None:
             raise ValueError("the kd strategy needs a teacher")
-        weights_N = batch["weights"].reshape(-1)
+        weights_N = batch.weights.reshape(-1)
         h_NxD = _hidden_N(module, batch)
         teacher_h_NxD = jax.lax.stop_gradient(_hidden_N(teacher, batch))
         kl_N, ce_N = kd_per_token(h_NxD, lm_head(module), teacher_h_NxD, jax.lax.stop_gradient(lm_head(teacher)),
-                                  batch["targets"].reshape(-1), self.temperature, self.top_k, self.chunk_tokens)
+                                  batch.targets.reshape(-1), self.temperature, self.top_k, self.chunk_tokens)
         sums = {"kl": _weighted_sum(kl_N, weights_N), "ce": _weighted_sum(ce_N, weights_N)}
         total = self.kl_weight * sums["kl"] + self.lm_weight * sums["ce"]
         if self.cosine_weight:

@@ -1,13 +1,14 @@
-"""`Model`: the user-facing handle on a config plus its weights, and `init` / `load`.
+"""The user's handle: `Model` (a config plus its weights), `init` and `load`.
 
-The heavy lifting is pure: `forward(graphdef, state, tokens, ...)` is jitted once per shape and
-takes the weights as an argument; `Model` only holds them and converts inputs and outputs.
+It sits above everything it fronts (the model, the sampler, checkpoints, HF conversion) and adds
+no computation of its own: the heavy lifting is pure (`model.forward.forward`, the sampler),
+jitted once per shape with the weights as an argument; `Model` holds the weights and converts
+inputs and outputs.
 """
 
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,19 +22,14 @@ from nemotron_jax.config import ModelConfig
 from nemotron_jax.convert.hf import read_hf_params, write_hf
 from nemotron_jax.errors import CheckpointError, ConfigError
 from nemotron_jax.fileio import atomic_dir
+from nemotron_jax.model.forward import forward
 from nemotron_jax.model.params import abstract_model, assemble, flat_params, init_sharded, param_shardings
 from nemotron_jax.model.transformer import Policy, Transformer
 from nemotron_jax.presets import SAVED_CONFIG, read_saved_config, resolve_config
+from nemotron_jax.sampling import generate
 from nemotron_jax.sharding import Layout, use_layout
 
 _DTYPES = ("float32", "bfloat16")
-
-
-@partial(jax.jit, static_argnums=0)
-def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens_BxT: jax.Array,
-            positions_BxT: jax.Array | None = None, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
-    """Pure forward: float32 logits [B, T, V]."""
-    return nnx.merge(graphdef, state)(tokens_BxT, positions_BxT, segment_ids_BxT)[0]
 
 
 class Model:
@@ -73,8 +69,6 @@ class Model:
         """New-token lists, one per prompt (see `nemotron_jax.sampling.stream` for `options`:
         max_thinking_tokens, think_tokens, cache_dtype, cache_len). `stop_tokens` None: the
         config's eos ids; []: never stop early. With `return_logprobs`: (tokens, logprobs)."""
-        from nemotron_jax.sampling import generate
-
         out = generate(*self.split(), prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                        seed=seed, stop_tokens=stop_tokens, return_logprobs=return_logprobs, layout=self.layout,
                        **options)
