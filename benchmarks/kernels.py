@@ -27,9 +27,8 @@ import numpy as np
 from nemotron_jax import kernels
 from nemotron_jax.kernels.decode_attention import decode_attention
 from nemotron_jax.kernels.flash_attention import flash_attention
+from nemotron_jax.kernels.reference import dot_product_attention, swiglu
 from nemotron_jax.kernels.swiglu import fused_swiglu
-from nemotron_jax.model.attention import dot_product_attention
-from nemotron_jax.model.ffn import swiglu
 
 # device kind substring -> (spec bf16 dense FLOP/s, measured bf16 FLOP/s, HBM bytes/s)
 PEAKS = {"H200": (990e12, 790e12, 4.8e12), "H100": (989e12, 750e12, 3.35e12)}

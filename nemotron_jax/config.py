@@ -3,14 +3,14 @@
 A Nemotron-NAS model is a Llama-3 decoder whose layers ("blocks") each choose their own attention
 (GQA with some number of KV heads, a single linear map, or nothing) and their own FFN (SwiGLU of
 some width, a single linear map, or nothing). The modules in `nemotron_jax.model` simply follow
-this description. It reads and writes Hugging Face `config.json` in both layouts: DeciLM
-(`block_configs`, `model_type: nemotron-nas`) and plain Llama.
+this description. It reads and writes Hugging Face `config.json` in both layouts, DeciLM
+(`block_configs`, `model_type: nemotron-nas`) and plain Llama, through the dict codec in
+`convert/hf_config.py` (a leaf below this module).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,46 +18,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from nemotron_jax.convert import hf_config
+from nemotron_jax.convert.hf_config import ffn_mult_for_width as ffn_mult_for_width  # re-exported
+from nemotron_jax.convert.hf_config import ffn_width
 from nemotron_jax.errors import ConfigError
 
 AttentionKind = Literal["gqa", "linear", "none"]
 FFNKind = Literal["swiglu", "linear", "none"]
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "int8": 1}
-
-# HF bookkeeping keys that carry nothing for the forward pass; everything else must be understood.
-_IGNORED_HF_KEYS = frozenset({
-    "_name_or_path", "architectures", "model_type", "auto_map", "transformers_version", "use_cache",
-    "initializer_range", "pretraining_tp", "attention_dropout", "torch_dtype", "dtype",
-    "pad_token_id", "output_attentions", "output_hidden_states", "return_dict", "quantization_config",
-    "block_return_logits",
-})
-_KNOWN_ATTENTION_KEYS = frozenset({
-    "n_heads_in_group", "no_op", "replace_with_linear", "sparsify", "num_sink_tokens",
-    "window_length", "unshifted_sink", "use_prefill_window_in_sink_attention",
-})
-_KNOWN_FFN_KEYS = frozenset({"ffn_mult", "no_op", "replace_with_linear", "sparsify"})
-# Attention options released models never use; refusing them beats silently computing something else.
-_UNSUPPORTED_ATTENTION = {"sparsify": None, "num_sink_tokens": None, "window_length": None,
-                          "unshifted_sink": False, "use_prefill_window_in_sink_attention": False}
-
-
-def ffn_width(ffn_mult: float, hidden_size: int) -> int:
-    """SwiGLU width from a DeciLM `ffn_mult`, rounded up to a multiple of 256 (SPEC §2)."""
-    n = int(2 * ffn_mult * hidden_size / 3)
-    return n if n % 256 == 0 else n + 256 - n % 256
-
-
-def ffn_mult_for_width(width: int, hidden_size: int) -> float:
-    """The 6-decimal `ffn_mult` that reproduces `width`, or ConfigError if none does."""
-    mult = round(3 * width / (2 * hidden_size), 6)
-    for candidate in (mult, round(mult + 1e-6, 6)):
-        if ffn_width(candidate, hidden_size) == width:
-            return candidate
-    raise ConfigError(
-        f"FFN width {width} cannot be written as a DeciLM ffn_mult for hidden_size {hidden_size} "
-        "(widths must be multiples of 256); save in Llama layout instead")
-
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
@@ -266,73 +235,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, source: str | Path | Mapping[str, Any]) -> ModelConfig:
         """Read an HF config: a `config.json` path, a directory holding one, or the dict itself."""
-        if isinstance(source, Mapping):
-            return _from_hf_dict(dict(source), "<dict>")
-        path = Path(source)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return _from_hf_dict(data, str(path))
+        data, where = hf_config.read(source)
+        return cls.from_dict(hf_config.hf_to_compact(data, where), where)
 
     def to_hf(self, format: Literal["decilm", "llama"] = "decilm") -> dict[str, Any]:
         """The HF `config.json` dict, in DeciLM layout (default) or Llama layout (homogeneous only)."""
-        common: dict[str, Any] = {
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "num_attention_heads": self.num_attention_heads, "num_hidden_layers": self.num_layers,
-            "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
-            "rope_scaling": None if self.rope_scaling is None else {
-                "factor": self.rope_scaling.factor, "high_freq_factor": self.rope_scaling.high_freq_factor,
-                "low_freq_factor": self.rope_scaling.low_freq_factor,
-                "original_max_position_embeddings": self.rope_scaling.original_max_position_embeddings,
-                "rope_type": "llama3"},
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids),
-            "torch_dtype": self.torch_dtype,
-        }
-        if self.head_dim != self.hidden_size // self.num_attention_heads:
-            common["head_dim"] = self.head_dim
-        if format == "llama":
-            if not self.is_homogeneous:
-                raise ConfigError("only a homogeneous model (every block the same GQA + SwiGLU) "
-                                  "can be written in Llama layout; use format='decilm'")
-            first = self.blocks[0]
-            return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
-                    "num_key_value_heads": first.attention.num_kv_heads,
-                    "intermediate_size": first.ffn.intermediate_size}
-        if format != "decilm":
-            raise ConfigError(f"unknown HF format {format!r}; expected 'decilm' or 'llama'")
-        return {
-            "architectures": ["DeciLMForCausalLM"], "model_type": "nemotron-nas",
-            "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig",
-                         "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"},
-            **common, "intermediate_size": None, "num_key_value_heads": None,
-            "block_configs": [self._block_to_hf(b) for b in self.blocks],
-        }
-
-    def _block_to_hf(self, block: BlockConfig) -> dict[str, Any]:
-        att, ffn = block.attention, block.ffn
-        attention = {
-            "n_heads_in_group": (self.num_attention_heads // att.num_kv_heads if att.kind == "gqa" else None),
-            "no_op": att.kind == "none", "replace_with_linear": att.kind == "linear",
-            **_UNSUPPORTED_ATTENTION,
-        }
-        mult = None
-        if ffn.kind == "swiglu":
-            mult = ffn.ffn_mult if ffn.ffn_mult is not None else ffn_mult_for_width(
-                ffn.intermediate_size, self.hidden_size)
-        return {"attention": attention,
-                "ffn": {"ffn_mult": mult, "no_op": ffn.kind == "none",
-                        "replace_with_linear": ffn.kind == "linear", "sparsify": None}}
-
+        return hf_config.compact_to_hf(dataclasses.asdict(self), format)
 
 def _block_str(b: BlockConfig) -> str:
     att = {"gqa": f"gqa:{b.attention.num_kv_heads}"}.get(b.attention.kind, b.attention.kind)
@@ -397,126 +305,3 @@ def _same_shape(a: BlockConfig, b: BlockConfig) -> bool:
     return (a.attention == b.attention and a.ffn.kind == b.ffn.kind
             and a.ffn.intermediate_size == b.ffn.intermediate_size)
 
-
-def _from_hf_dict(data: dict[str, Any], where: str) -> ModelConfig:
-    def need(key: str) -> Any:
-        if key not in data:
-            raise ConfigError(f"{where}: missing required key {key!r}")
-        return data[key]
-
-    known = _IGNORED_HF_KEYS | {
-        "vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
-        "intermediate_size", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-        "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-        "attention_bias", "mlp_bias", "head_dim", "block_configs",
-    }
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown config keys {unknown}")
-    if data.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{where}: hidden_act must be 'silu', got {data['hidden_act']!r}")
-    for key in ("attention_bias", "mlp_bias"):
-        if data.get(key):
-            raise ConfigError(f"{where}: {key}=true is not supported (Llama-Nemotron has no biases)")
-
-    hidden = _int(data, "hidden_size", where, need)
-    heads = _int(data, "num_attention_heads", where, need)
-    rope_theta, scaling = _rope(data, where)
-    eos = data.get("eos_token_id", [])
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    layers = _int(data, "num_hidden_layers", where, need)
-
-    if "block_configs" in data and data["block_configs"] is not None:
-        raw_blocks = data["block_configs"]
-        if not isinstance(raw_blocks, list) or len(raw_blocks) != layers:
-            raise ConfigError(f"{where}: block_configs must be a list of num_hidden_layers={layers} entries")
-        blocks = tuple(_block_from_hf(b, i, heads, hidden, where) for i, b in enumerate(raw_blocks))
-    else:
-        kv = data.get("num_key_value_heads") or heads
-        width = _int(data, "intermediate_size", where, need)
-        blocks = (BlockConfig(AttentionConfig("gqa", kv), FFNConfig("swiglu", width)),) * layers
-
-    try:
-        return ModelConfig(
-            vocab_size=_int(data, "vocab_size", where, need), hidden_size=hidden,
-            num_attention_heads=heads, blocks=blocks, head_dim=data.get("head_dim"),
-            rms_norm_eps=float(data.get("rms_norm_eps", 1e-5)), rope_theta=rope_theta,
-            rope_scaling=scaling, max_position_embeddings=int(data.get("max_position_embeddings", 131072)),
-            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-            bos_token_id=data.get("bos_token_id"), eos_token_ids=eos_ids,
-            torch_dtype=str(data.get("torch_dtype") or data.get("dtype") or "bfloat16"),
-        )
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _int(data: dict[str, Any], key: str, where: str, need: Any) -> int:
-    value = need(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
-    return value
-
-
-def _rope(data: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
-    """Both spellings: 4.x `rope_theta` + `rope_scaling`, 5.x `rope_parameters`."""
-    params = data.get("rope_parameters")
-    if params is not None:
-        theta = float(params.get("rope_theta", data.get("rope_theta", 500000.0)))
-        scaling = params
-    else:
-        theta = float(data.get("rope_theta", 500000.0))
-        scaling = data.get("rope_scaling")
-    if scaling is None or scaling.get("rope_type", scaling.get("type")) == "default":
-        return theta, None
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind != "llama3":
-        raise ConfigError(f"{where}: rope scaling type {kind!r} is not supported (only 'llama3')")
-    try:
-        return theta, RopeScaling(
-            factor=float(scaling["factor"]), low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)))
-    except KeyError as e:
-        raise ConfigError(f"{where}: rope scaling is missing {e}") from None
-
-
-def _block_from_hf(raw: Any, i: int, heads: int, hidden: int, where: str) -> BlockConfig:
-    if not isinstance(raw, dict) or set(raw) - {"attention", "ffn"}:
-        raise ConfigError(f"{where}: block_configs[{i}] must be an object with 'attention' and 'ffn'")
-    att, ffn = raw.get("attention", {}), raw.get("ffn", {})
-    for name, part, allowed in (("attention", att, _KNOWN_ATTENTION_KEYS), ("ffn", ffn, _KNOWN_FFN_KEYS)):
-        unknown = sorted(set(part) - allowed)
-        if unknown:
-            raise ConfigError(f"{where}: block {i}: unknown {name} keys {unknown}")
-        if part.get("no_op") and part.get("replace_with_linear"):
-            raise ConfigError(f"{where}: block {i}: {name}.no_op and {name}.replace_with_linear are mutually exclusive")
-    for key, default in _UNSUPPORTED_ATTENTION.items():
-        if att.get(key, default) != default:
-            raise ConfigError(f"{where}: block {i}: attention.{key}={att[key]!r} is not supported "
-                              f"(released Llama-Nemotron models use {default!r})")
-    if ffn.get("sparsify") is not None:
-        raise ConfigError(f"{where}: block {i}: ffn.sparsify={ffn['sparsify']!r} is not supported")
-
-    if att.get("no_op") or att.get("replace_with_linear"):
-        if att.get("n_heads_in_group") is not None:
-            raise ConfigError(f"{where}: block {i}: attention.n_heads_in_group must be null "
-                              "for a no-op/linear attention")
-        attention = AttentionConfig("none" if att.get("no_op") else "linear")
-    else:
-        group = att.get("n_heads_in_group")
-        if not isinstance(group, int) or group < 1 or heads % group:
-            raise ConfigError(f"{where}: block {i}: attention.n_heads_in_group={group!r} must be a positive "
-                              f"divisor of num_attention_heads={heads}")
-        attention = AttentionConfig("gqa", heads // group)
-
-    if ffn.get("no_op") or ffn.get("replace_with_linear"):
-        if ffn.get("ffn_mult") is not None:
-            raise ConfigError(f"{where}: block {i}: ffn.ffn_mult must be null for a no-op/linear FFN")
-        feed = FFNConfig("none" if ffn.get("no_op") else "linear")
-    else:
-        mult = ffn.get("ffn_mult")
-        if not isinstance(mult, (int, float)) or isinstance(mult, bool) or mult <= 0:
-            raise ConfigError(f"{where}: block {i}: ffn.ffn_mult={mult!r} must be a positive number")
-        mult = round(float(mult), 6)
-        feed = FFNConfig("swiglu", ffn_width(mult, hidden), mult)
-    return BlockConfig(attention, feed)

@@ -18,12 +18,12 @@ from jax.experimental import pallas as pl
 
 import nemotron_jax as nj
 from nemotron_jax import kernels
+from nemotron_jax.api import Model
 from nemotron_jax.kernels import _common
 from nemotron_jax.kernels.decode_attention import decode_attention
 from nemotron_jax.kernels.flash_attention import flash_attention
 from nemotron_jax.kernels.swiglu import fused_swiglu
 from nemotron_jax.kernels.tpu import chunked_reference, index_causal, splash_causal
-from nemotron_jax.api import Model
 from nemotron_jax.model.params import assemble, flat_params
 from nemotron_jax.model.transformer import Policy
 
@@ -242,8 +242,7 @@ def test_fused_swiglu_matches_numpy(m_shape, d, f, dtype, tol):
 
 # ----------------------------------------------------------------------------- selection, model
 def test_selection_and_unknown_impl():
-    from nemotron_jax.model.attention import dot_product_attention
-    from nemotron_jax.model.ffn import swiglu
+    from nemotron_jax.kernels.reference import dot_product_attention, swiglu
 
     assert kernels.attention_fn("xla") is dot_product_attention and kernels.ffn_fn("xla") is swiglu
     assert kernels.attention_fn("pallas") is kernels.pallas_attention
@@ -290,7 +289,7 @@ def test_splash_path_in_tpu_interpret_mode():
 
 
 def test_chunked_reference_matches_numpy():
-    from nemotron_jax.model.attention import dot_product_attention
+    from nemotron_jax.kernels.reference import dot_product_attention
 
     rng = np.random.default_rng(6)
     q, k, v = rand(rng, (2, 48, 4, 16)), rand(rng, (2, 48, 2, 16)), rand(rng, (2, 48, 2, 16))

@@ -1,9 +1,9 @@
 """Pallas kernels for the hot paths, each beside its XLA reference, chosen by `Policy`.
 
 `attention_fn(impl)` / `ffn_fn(impl)` return callables with exactly the reference signatures
-(`model.attention.dot_product_attention`, `model.ffn.swiglu`):
+(`reference.dot_product_attention`, `reference.swiglu`):
 
-    "xla"     the references themselves.
+    "xla"     the references themselves (`reference.py`; model/ uses them as its defaults).
     "pallas"  per call, at trace time:
               attention on GPU/CPU: decode kernel when T is small and there are no segment ids (the
               sampler's T=1 step against a cache), else flash attention (fwd + bwd kernels);
@@ -28,9 +28,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from nemotron_jax.kernels import reference as _reference
 from nemotron_jax.kernels._common import warn_once
-from nemotron_jax.model import attention as _attention
-from nemotron_jax.model import ffn as _ffn
 
 # The references are reached through their modules: the submodules `swiglu`, `flash_attention`, ...
 # become attributes of this package when imported and would shadow same-named functions here.
@@ -50,7 +49,7 @@ FFNFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 def attention_fn(impl: str) -> AttentionFn:
     """The attention callable for `Policy.attention_impl`; ValueError for an unknown name."""
     if impl == "xla":
-        return _attention.dot_product_attention
+        return _reference.dot_product_attention
     if impl == "pallas":
         return pallas_attention
     raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
@@ -59,7 +58,7 @@ def attention_fn(impl: str) -> AttentionFn:
 def ffn_fn(impl: str) -> FFNFn:
     """The SwiGLU callable for `Policy.ffn_impl`; ValueError for an unknown name."""
     if impl == "xla":
-        return _ffn.swiglu
+        return _reference.swiglu
     if impl == "pallas":
         return pallas_swiglu
     raise ValueError(f"unknown ffn_impl {impl!r}; expected one of {IMPLS}")
@@ -92,11 +91,11 @@ def pallas_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.
     reason = attention_unsupported(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
     if reason is not None:
         warn_once(reason)
-        return _attention.dot_product_attention(*args)
+        return _reference.dot_product_attention(*args)
     if jax.default_backend() == "tpu":
         from nemotron_jax.kernels.tpu import splash_attention
 
-        return splash_attention(*args, reference=_attention.dot_product_attention)
+        return splash_attention(*args, reference=_reference.dot_product_attention)
     t, g = q_BxTxNxH.shape[1], q_BxTxNxH.shape[2] // k_BxSxKxH.shape[2]
     if q_seg_BxT is None and t <= DECODE_MAX_T and t * g <= DECODE_MAX_ROWS:
         from nemotron_jax.kernels.decode_attention import decode_attention
@@ -127,7 +126,7 @@ def pallas_swiglu(h_BxTxD: jax.Array, gate_DxF: jax.Array, up_DxF: jax.Array, do
     reason = ffn_unsupported(h_BxTxD, gate_DxF, up_DxF, down_FxD)
     if reason is not None:
         warn_once(reason)
-        return _ffn.swiglu(h_BxTxD, gate_DxF, up_DxF, down_FxD)
+        return _reference.swiglu(h_BxTxD, gate_DxF, up_DxF, down_FxD)
     from nemotron_jax.kernels.swiglu import fused_swiglu
 
     return fused_swiglu(h_BxTxD, gate_DxF, up_DxF, down_FxD, **_blocks("swiglu"))

@@ -1,6 +1,6 @@
 """What every kernel shares: backend choice, padding, block bounds, and logged fallbacks.
 
-Masking is the reference's rule (`model/attention.py`): query at position p sees keys at positions
+Masking is the reference's rule (`reference.py`): query at position p sees keys at positions
 <= p in the same segment. Kernels apply it exactly, element by element; the block bounds here only
 let them skip blocks that are *certainly* fully masked, so they are conservative by construction.
 """

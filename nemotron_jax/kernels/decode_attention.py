@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from nemotron_jax.kernels import _common as c
+from nemotron_jax.kernels.reference import dot_product_attention
 
 
 def decode_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
@@ -53,8 +54,6 @@ def _default_splits(programs: int, n_blocks: int, target: int = 264) -> int:
 
 
 def _reference(q, k, v, q_pos, kv_pos):
-    from nemotron_jax.model.attention import dot_product_attention
-
     return dot_product_attention(q, k, v, q_pos, kv_pos)
 
 

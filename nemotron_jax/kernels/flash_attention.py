@@ -1,6 +1,6 @@
 """Flash attention (training path): causal-by-position GQA with segments, Pallas fwd + bwd.
 
-Same contract as `model.attention.dot_product_attention`: query head n uses KV head n // (N // K);
+Same contract as `reference.dot_product_attention`: query head n uses KV head n // (N // K);
 a query at position p sees keys at positions <= p in its segment; rows that see nothing give 0.
 
 Forward: grid (q block, batch, query head); each program streams the KV blocks of its KV head with
@@ -11,7 +11,8 @@ positions are token indices; the exact mask is still applied per element.
 
 Backward (`flash_backward.py`): probabilities are recomputed from the saved logsumexp; one kernel
 for dQ (per q block) and one for dK/dV (per KV block, looping over the G query heads that share the
-KV head, so no atomics and no [.., N, ..]-sized dK partials).
+KV head, so no atomics and no [.., N, ..]-sized dK partials). What both passes share (config,
+padded operands, mask, block bounds) is in `flash_common.py`.
 
 Lengths that are not block multiples are padded inside the wrapper: padded keys get position
 INT_MAX and are also excluded by index, padded query rows are sliced off. A head dim that is not a
@@ -20,45 +21,15 @@ power of two is zero-padded (Triton tiles must be powers of two); the scale uses
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from nemotron_jax.kernels import _common as c
-
-
-@dataclasses.dataclass(frozen=True)
-class FlashConfig:
-    """Static choices of one flash call; block sizes are powers of two >= 16 (Triton dot minimum).
-
-    Backward blocks are named by role: a dQ program owns `block_outer_bwd` query rows and loops over
-    KV in `block_inner_bwd` steps; a dK/dV program owns `block_outer_bwd` KV rows and loops over
-    queries in `block_inner_bwd` steps (Triton's tutorial uses 128 / 32 for both on H100).
-    """
-
-    block_q: int
-    block_k: int
-    block_outer_bwd: int
-    block_inner_bwd: int
-    kv_len: int  # true S (keys at index >= kv_len are padding)
-    interpret: bool
-    num_stages: int = 2
-
-
-class Prepared(NamedTuple):
-    """Padded operands, kept as residuals for the backward pass (the true S is `FlashConfig.kv_len`)."""
-
-    q: jax.Array  # [B, Tp, N, Hp]
-    k: jax.Array  # [B, Sp, K, Hp]
-    v: jax.Array
-    q_pos: jax.Array  # [B, Tp] int32
-    kv_pos: jax.Array  # [B, Sp] int32
-    q_seg: jax.Array | None
-    kv_seg: jax.Array | None
+from nemotron_jax.kernels.flash_backward import backward
+from nemotron_jax.kernels.flash_common import FlashConfig, Prepared, block_bounds, key_mask, num_warps
 
 
 def flash_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
@@ -112,28 +83,6 @@ def prepare(cfg: FlashConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> Prepared
         c.pad_axis(q_pos, 1, tp, c.INT_MIN), c.pad_axis(kv_pos, 1, sp, c.INT_MAX),
         None if q_seg is None else c.pad_axis(q_seg, 1, tp, -1),
         None if kv_seg is None else c.pad_axis(kv_seg, 1, sp, -2))
-
-
-def key_mask(q_pos_Q: jax.Array, kv_pos_K: jax.Array, q_seg_Q: jax.Array | None, kv_seg_K: jax.Array | None,
-             start: jax.Array, block: int, kv_len: int) -> jax.Array:
-    """[Q, K] visibility inside a kernel: kv_pos <= q_pos, same segment, and a real (unpadded) key."""
-    real_K = (start + jnp.arange(block, dtype=jnp.int32)) < kv_len
-    mask = (kv_pos_K[None, :] <= q_pos_Q[:, None]) & real_K[None, :]
-    if q_seg_Q is not None:
-        mask &= q_seg_Q[:, None] == kv_seg_K[None, :]
-    return mask
-
-
-def block_bounds(p: Prepared, block_q: int, block_k: int) -> tuple[jax.Array, ...]:
-    """(q-side lo, hi [B, nQ] over KV blocks; kv-side lo, hi [B, nK] over q blocks)."""
-    vis_BxQxK = c.visible_blocks(p.q_pos, p.kv_pos, p.q_seg, p.kv_seg, block_q, block_k)
-    q_lo, q_hi = c.span(vis_BxQxK)
-    k_lo, k_hi = c.span(jnp.swapaxes(vis_BxQxK, 1, 2))
-    return q_lo, q_hi, k_lo, k_hi
-
-
-def num_warps(head_dim: int) -> int:
-    return 4 if head_dim <= 64 else 8
 
 
 def _fwd_kernel(*refs, scale: float, block_k: int, kv_len: int, has_seg: bool) -> None:
@@ -209,8 +158,6 @@ def _flash_fwd(cfg: FlashConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
 
 
 def _flash_bwd(cfg: FlashConfig, res, dout_BxTxNxH):
-    from nemotron_jax.kernels.flash_backward import backward
-
     p, out_pad, lse = res
     return (*backward(cfg, p, out_pad, lse, dout_BxTxNxH), None, None, None, None)
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from nemotron_jax.kernels import _common as c
-from nemotron_jax.kernels.flash_attention import FlashConfig, Prepared, block_bounds, key_mask, num_warps
+from nemotron_jax.kernels.flash_common import FlashConfig, Prepared, block_bounds, key_mask, num_warps
 
 
 def backward(cfg: FlashConfig, p: Prepared, out_pad: jax.Array, lse_BxNxTp: jax.Array,

@@ -2,7 +2,9 @@
 
 Masking is by positions, not by token index: a query at position p sees keys at positions <= p in
 the same segment. That one rule covers training, packed sequences (segment ids, positions restart
-per segment) and decoding against a cache whose slot j holds position j.
+per segment) and decoding against a cache whose slot j holds position j. The plain-XLA
+`dot_product_attention` that implements it (the default `attention_fn`) lives in
+`kernels/reference.py`, beside the kernels it is the reference for.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nemotron_jax.kernels.reference import dot_product_attention
 from nemotron_jax.model.layers import RMSNorm, param, rope
 from nemotron_jax.sharding import constrain
 
@@ -23,31 +26,6 @@ class KVCache(NamedTuple):
 
     k_BxSxKxH: jax.Array
     v_BxSxKxH: jax.Array
-
-
-def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
-                          q_pos_BxT: jax.Array, kv_pos_BxS: jax.Array,
-                          q_seg_BxT: jax.Array | None = None,
-                          kv_seg_BxS: jax.Array | None = None) -> jax.Array:
-    """Causal GQA softmax attention in plain XLA (the reference every kernel is checked against).
-
-    Query head n uses KV head n // (N // K), as HF's `repeat_kv` does. Softmax in float32. A query
-    that may see nothing (a padding row) gets zeros rather than NaN.
-    """
-    b, t, n, h = q_BxTxNxH.shape
-    k = k_BxSxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-    logits_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
-                                  preferred_element_type=jnp.float32) * (h ** -0.5)
-    mask_BxTxS = kv_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
-    if q_seg_BxT is not None:
-        mask_BxTxS &= q_seg_BxT[:, :, None] == kv_seg_BxS[:, None, :]
-    mask = mask_BxTxS[:, None, None]
-    logits_BxKxGxTxS = jnp.where(mask, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
-    probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0).astype(v_BxSxKxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-    return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
 def write_cache(cache: KVCache, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,

@@ -1,4 +1,4 @@
-"""FFN subblocks: SwiGLU and the linear replacement."""
+"""FFN subblocks: SwiGLU and the linear replacement (the plain-XLA `swiglu` is `kernels/reference.py`)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nemotron_jax.kernels.reference import swiglu
 from nemotron_jax.model.layers import RMSNorm, param
-from nemotron_jax.sharding import constrain
-
-
-def swiglu(h_BxTxD: jax.Array, gate_DxF: jax.Array, up_DxF: jax.Array, down_FxD: jax.Array) -> jax.Array:
-    """down(silu(gate(h)) * up(h)) in plain XLA: the reference for the fused kernel."""
-    act_BxTxF = jax.nn.silu(h_BxTxD @ gate_DxF) * (h_BxTxD @ up_DxF)
-    return constrain(act_BxTxF, ("batch", "seq", "act_mlp")) @ down_FxD
 
 
 class SwiGLU(nnx.Module):
