@@ -1,9 +1,9 @@
 """nemotron-jax: Llama-Nemotron (Nemotron-NAS) models and their training recipe in JAX."""
 
 from nemotron_jax import rewards
+from nemotron_jax.api import Model, init, load
 from nemotron_jax.config import AttentionConfig, BlockConfig, FFNConfig, ModelConfig, RopeScaling
 from nemotron_jax.errors import CheckpointError, ConfigError
-from nemotron_jax.api import Model, init, load
 from nemotron_jax.model import Policy
 from nemotron_jax.presets import preset, preset_names
 from nemotron_jax.tokenizer import Tokenizer

@@ -143,7 +143,7 @@ class Pipeline:
     def evaluate(self, models: dict[str, Path]) -> list[dict[str, Any]]:
         """Both modes of every model, each model's rows cached in eval/{n}-{name}.json (redone when
         the eval settings change)."""
-        import nemotron_jax as nj
+        from nemotron_jax.api import load
         from nemotron_jax.eval.reasoning import evaluate_reasoning
         from nemotron_jax.tokenizer import Tokenizer
 
@@ -153,7 +153,7 @@ class Pipeline:
             cached = self.out / "eval" / f"{k}-{name.strip('+').replace('+', '-')}.json"
             done = json.loads(cached.read_text()) if cached.is_file() else {}
             if done.get("eval") != settings:
-                model = nj.load(path)
+                model = load(path)
                 result = [evaluate_reasoning(model, tokenizer, records, thinking, name=name,
                                              max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=e.seed,
                                              max_thinking_tokens=e.max_thinking_tokens,
@@ -165,12 +165,12 @@ class Pipeline:
         return rows
 
     def export(self, source: Path) -> Path:
-        import nemotron_jax as nj
+        from nemotron_jax.api import load
         from nemotron_jax.tokenizer import Tokenizer
 
         out = self.out / "export"
         if not out.is_dir():
-            model = nj.load(source)
+            model = load(source)
             model.save_hf(out) if self.cfg.export_format == "decilm" else model.save(out)
         if not (out / "tokenizer.json").is_file():
             Tokenizer.from_file(self.cfg.tokenizer).save(out)

@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-import nemotron_jax as nj
+from nemotron_jax.api import Model, load
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.data.pipeline import DataPipeline, resolve_path
 from nemotron_jax.presets import resolve_config
@@ -111,8 +111,8 @@ class Puzzle:
         return done
 
     @cached_property
-    def parent(self) -> nj.Model:
-        return nj.load(self.parent_dir)
+    def parent(self) -> Model:
+        return load(self.parent_dir)
 
     @cached_property
     def library(self) -> Library:
@@ -252,8 +252,8 @@ class Puzzle:
         path = self.out / "summary.json"
         if path.is_file():
             return read_json(path)
-        child = nj.load(self.child_dir)
-        assembled = nj.load(self.out / "assembled")
+        child = load(self.child_dir)
+        assembled = load(self.out / "assembled")
         target = self.cfg.search.target
         speed = costs.measured_speedup(self.parent.config, child.config, target, self.cfg.costs,
                                        rounds=2 * self.cfg.costs.rounds)
