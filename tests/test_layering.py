@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import functools
+import graphlib
+import itertools
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,23 +22,20 @@ ROOT = "nemotron_jax"
 # What kernels/ may use from outside itself: the shared error types, activation sharding, the config.
 KERNELS_MAY_IMPORT = (f"{ROOT}.errors", f"{ROOT}.sharding", f"{ROOT}.config")
 
-# The intended layers, top to bottom (docs/architecture.md); a module may import its own layer or
-# any below. Checked by printing only: some of the moves of issue #14 are still under way.
+# The layers, top to bottom (docs/architecture.md); a module may import its own layer or any below.
 LAYERS: tuple[tuple[str, ...], ...] = (
     (ROOT, f"{ROOT}.__main__", f"{ROOT}.cli"),
     (f"{ROOT}.pipeline",),
-    (f"{ROOT}.recipes", f"{ROOT}.eval"),
-    (f"{ROOT}.puzzle",),
-    (f"{ROOT}.rl",),
+    (f"{ROOT}.recipes",),
+    (f"{ROOT}.puzzle", f"{ROOT}.rl", f"{ROOT}.eval", f"{ROOT}.engine"),
     (f"{ROOT}.train",),
-    (f"{ROOT}.api",),
-    (f"{ROOT}.data", f"{ROOT}.rewards", f"{ROOT}.tokenizer"),
-    (f"{ROOT}.sampling", f"{ROOT}.convert.hf", f"{ROOT}.checkpoint", f"{ROOT}.plan", f"{ROOT}.presets"),
+    (f"{ROOT}.data",),
+    (f"{ROOT}.api", f"{ROOT}.tokenizer"),
+    (f"{ROOT}.sampling", f"{ROOT}.plan", f"{ROOT}.convert.hf", f"{ROOT}.convert.hf_files", f"{ROOT}.checkpoint",
+     f"{ROOT}.presets"),
     (f"{ROOT}.model",),
-    (f"{ROOT}.kernels",),
-    (f"{ROOT}.sharding", f"{ROOT}.distributed", f"{ROOT}.fileio", f"{ROOT}.typed_yaml"),
-    (f"{ROOT}.config",),
-    (f"{ROOT}.convert", f"{ROOT}.convert.hf_config", f"{ROOT}.errors"),
+    (f"{ROOT}.kernels", f"{ROOT}.config", f"{ROOT}.convert", f"{ROOT}.convert.hf_config", f"{ROOT}.sharding",
+     f"{ROOT}.typed_yaml", f"{ROOT}.fileio", f"{ROOT}.distributed", f"{ROOT}.rewards", f"{ROOT}.errors"),
 )
 
 
@@ -117,47 +116,13 @@ def _closure(module: str) -> set[str]:
     return seen
 
 
-def _cycles() -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan, iterative)."""
-    deps = _deps()
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    out: list[list[str]] = []
-    for start in deps:
-        if start in index:
-            continue
-        work = [(start, iter(sorted(deps[start])))]
-        index[start] = low[start] = len(index)
-        stack.append(start)
-        on_stack.add(start)
-        while work:
-            node, children = work[-1]
-            child = next(children, None)
-            if child is not None:
-                if child not in index:
-                    index[child] = low[child] = len(index)
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(deps[child]))))
-                elif child in on_stack:
-                    low[node] = min(low[node], index[child])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[node])
-            if low[node] == index[node]:
-                comp = []
-                while True:
-                    m = stack.pop()
-                    on_stack.discard(m)
-                    comp.append(m)
-                    if m == node:
-                        break
-                if len(comp) > 1:
-                    out.append(sorted(comp))
-    return out
+def _cycle() -> list[str]:
+    """One import cycle (its modules in order, the first repeated last), or [] when there is none."""
+    try:
+        graphlib.TopologicalSorter(_deps()).prepare()
+    except graphlib.CycleError as e:
+        return list(e.args[1])
+    return []
 
 
 def _layer(module: str) -> int | None:
@@ -185,12 +150,9 @@ def test_graph_sees_the_known_imports():
 
 
 def test_no_import_cycles():
-    cycles = _cycles()
-    lines = []
-    for comp in cycles:
-        inside = [e for e in _edges() if e.src in comp and e.dst in comp]
-        lines.append(f"cycle among {comp}:" + _report(inside))
-    assert not cycles, "import cycles (function-level imports included):\n" + "\n".join(lines)
+    cycle = _cycle()
+    inside = [e for e in _edges() if any(e.src == a and e.dst == b for a, b in itertools.pairwise(cycle))]
+    assert not cycle, "an import cycle (function-level imports included):" + _report(inside)
 
 
 def test_kernels_import_nothing_above_them():
@@ -218,13 +180,10 @@ def test_flash_forward_and_backward_share_a_module_not_each_other():
     assert common in _deps()[fwd] and common in _deps()[bwd]
 
 
-def test_print_upward_imports():
-    """Not asserted: prints the imports that still point up the intended layers (run with -s)."""
-    up, unplaced = [], sorted({m for m in _modules() if _layer(m) is None})
-    for e in _edges():
-        src, dst = _layer(e.src), _layer(e.dst)
-        if src is not None and dst is not None and dst < src:
-            up.append(e)
-    print(f"\n{len(up)} upward imports (layers in tests/test_layering.py):" + (_report(up) if up else ""))
-    if unplaced:
-        print("modules in no layer:", ", ".join(unplaced))
+def test_no_module_imports_a_layer_above_it():
+    """The layers of docs/architecture.md, top to bottom: every module is in one, and imports only
+    its own layer or those below."""
+    unplaced = sorted(m for m in _modules() if _layer(m) is None)
+    assert not unplaced, f"modules in no layer (add them to LAYERS and docs/architecture.md): {unplaced}"
+    up = [e for e in _edges() if _layer(e.dst) < _layer(e.src)]
+    assert not up, "imports that point up the layers:" + _report(up)
