@@ -36,7 +36,7 @@ class AttentionConfig:
     num_kv_heads: int | None = None
 
     def __str__(self) -> str:
-        return f"gqa(kv={self.num_kv_heads})" if self.kind == "gqa" else self.kind
+        return format_subblock(self, "display")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class FFNConfig:
     ffn_mult: float | None = None
 
     def __str__(self) -> str:
-        return f"swiglu({self.intermediate_size})" if self.kind == "swiglu" else self.kind
+        return format_subblock(self, "display")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,15 +242,58 @@ class ModelConfig:
         """The HF `config.json` dict, in DeciLM layout (default) or Llama layout (homogeneous only)."""
         return hf_config.compact_to_hf(dataclasses.asdict(self), format)
 
-def _block_str(b: BlockConfig) -> str:
-    att = {"gqa": f"gqa:{b.attention.num_kv_heads}"}.get(b.attention.kind, b.attention.kind)
-    if b.ffn.kind != "swiglu":
-        ffn = b.ffn.kind
-    else:
+# ---------------------------------------------------------------- the block grammar
+# One grammar for a subblock, in three spellings of the same words: `compact` (what `to_dict`
+# writes and presets use: gqa:8, swiglu:14336 or mult:M when the DeciLM multiplier is known),
+# `display` (str(), tables: gqa(kv=8), swiglu(14336)) and `key` (Puzzle's store / Orbax keys, no
+# punctuation: gqa8, swiglu14336); linear and none read the same in all. `parse_subblock` reads
+# any spelling, so every file ever written stays readable.
+Spelling = Literal["compact", "display", "key"]
+_SPELLINGS: dict[str, tuple[str, dict[str, str]]] = {  # kind -> (width field, spelling -> template)
+    "gqa": ("num_kv_heads", {"compact": "gqa:{}", "display": "gqa(kv={})", "key": "gqa{}"}),
+    "swiglu": ("intermediate_size", {"compact": "swiglu:{}", "display": "swiglu({})", "key": "swiglu{}"}),
+}
+_BARE = ("linear", "none")
+
+
+def format_subblock(sub: AttentionConfig | FFNConfig, spelling: Spelling = "compact") -> str:
+    """One subblock as text in `spelling` (see the grammar above); `parse_subblock` inverts it."""
+    if sub.kind not in _SPELLINGS:
+        return sub.kind
+    if spelling == "compact" and isinstance(sub, FFNConfig) and sub.ffn_mult is not None:
         # repr, not :g (6 significant digits turned Ultra's 31.40625 into 31.4062)
-        mult = repr(float(b.ffn.ffn_mult)).removesuffix(".0") if b.ffn.ffn_mult is not None else None
-        ffn = f"mult:{mult}" if mult is not None else f"swiglu:{b.ffn.intermediate_size}"
-    return f"{att} {ffn}"
+        return f"mult:{repr(float(sub.ffn_mult)).removesuffix('.0')}"
+    field, templates = _SPELLINGS[sub.kind]
+    return templates[spelling].format(getattr(sub, field))
+
+
+def parse_subblock(slot: Literal["attention", "ffn"], text: str, hidden: int = 0) -> AttentionConfig | FFNConfig:
+    """An `AttentionConfig` (slot `attention`) or `FFNConfig` (`ffn`) from any spelling of
+    `format_subblock`; `mult:M` needs the model's `hidden` size. ValueError naming the forms."""
+    text = str(text).strip()
+    kind = "gqa" if slot == "attention" else "swiglu"
+    cls = AttentionConfig if slot == "attention" else FFNConfig
+    if text in _BARE:
+        return cls(text)
+    field, templates = _SPELLINGS[kind]
+    forms = [(prefix, suffix) for prefix, _, suffix in (t.partition("{}") for t in templates.values())]
+    for prefix, suffix in forms + ([("mult:", "")] if slot == "ffn" else []):
+        arg = text[len(prefix):len(text) - len(suffix)]
+        if not (arg and text.startswith(prefix) and text.endswith(suffix)):
+            continue
+        try:
+            if prefix == "mult:":
+                mult = round(float(arg), 6)
+                return FFNConfig("swiglu", ffn_width(mult, hidden), mult)
+            return cls(kind, **{field: int(arg)})
+        except ValueError:
+            continue
+    expected = "gqa:K, linear or none" if slot == "attention" else "swiglu:WIDTH, mult:M, linear or none"
+    raise ValueError(f"{slot} must be {expected}, got {text!r}")
+
+
+def _block_str(b: BlockConfig) -> str:
+    return f"{format_subblock(b.attention)} {format_subblock(b.ffn)}"
 
 
 def _compact_blocks(blocks: tuple[BlockConfig, ...]) -> list[str]:
@@ -279,23 +322,8 @@ def _parse_block(entry: Any, where: str, hidden: int) -> list[BlockConfig]:
         repeat, words = int(words[0][:-1]), words[1:]
     if len(words) != 2:
         raise ConfigError(f"{where}: expected '[Nx] ATTENTION FFN', got {entry!r}")
-    (att_kind, _, att_arg), (ffn_kind, _, ffn_arg) = (w.partition(":") for w in words)
     try:
-        if att_kind == "gqa":
-            attention = AttentionConfig("gqa", int(att_arg))
-        elif att_kind in ("linear", "none") and not att_arg:
-            attention = AttentionConfig(att_kind)
-        else:
-            raise ValueError(f"attention must be gqa:K, linear or none, got {words[0]!r}")
-        if ffn_kind == "swiglu":
-            feed = FFNConfig("swiglu", int(ffn_arg))
-        elif ffn_kind == "mult":
-            mult = round(float(ffn_arg), 6)
-            feed = FFNConfig("swiglu", ffn_width(mult, hidden), mult)
-        elif ffn_kind in ("linear", "none") and not ffn_arg:
-            feed = FFNConfig(ffn_kind)
-        else:
-            raise ValueError(f"ffn must be swiglu:WIDTH, mult:M, linear or none, got {words[1]!r}")
+        attention, feed = parse_subblock("attention", words[0]), parse_subblock("ffn", words[1], hidden)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     return [BlockConfig(attention, feed)] * repeat

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import nemotron_jax as nj
 from nemotron_jax.config import AttentionConfig, FFNConfig, ModelConfig
@@ -128,8 +131,7 @@ def _np_silu(x):
 def test_ffn_pruning_and_least_squares_match_numpy(parent, batches, library):
     mids = []
     for b in batches:
-        _, m, _ = sb.capture(parent.module, jnp.asarray(b.inputs), jnp.asarray(b.positions),
-                             jnp.asarray(b.segment_ids))
+        m = parent.module.capture(jnp.asarray(b.inputs), jnp.asarray(b.positions), jnp.asarray(b.segment_ids)).mids
         mids.append(np.asarray(m[0]).reshape(-1, 32))
     mid = np.concatenate(mids)
     w = library.layers[0]["ffn"]["swiglu64"].params
@@ -334,3 +336,183 @@ def test_static_costs_add_up_to_model():
     c = load_config(None).costs
     assert costs.analytic_time(cfg, FFNConfig("swiglu", 64), "decode", c) > costs.analytic_time(
         cfg, FFNConfig("swiglu", 32), "decode", c) > 0 == costs.analytic_time(cfg, AttentionConfig("none"), "decode", c)
+
+
+# ---------------------------------------------------------------- one forward: the model's own states
+HETERO = ["gqa:2 swiglu:64", "linear swiglu:32", "gqa:1 linear", "none swiglu:64", "gqa:4 none", "none none"]
+
+
+def _policy_model(model: nj.Model, scan: bool) -> nj.Model:
+    policy = dataclasses.replace(model.policy, scan_layers=scan)
+    return nj.Model(assemble(model.config, policy, flat_params(model.module)))
+
+
+@pytest.mark.parametrize("blocks", [HETERO, ["3x gqa:2 swiglu:64"]])
+def test_capture_equals_layer_by_layer_run(blocks):
+    """`Transformer.capture` is a manual loop over `Block.__call__`, split at `Block.attend`."""
+    model = _model(_cfg(blocks), seed=4)
+    b = _batch(np.random.default_rng(3))
+    tokens, pos, seg = (jnp.asarray(a) for a in (b.inputs, b.positions, b.segment_ids))
+    module = model.module
+    cap = module.capture(tokens, pos, seg)
+    x = module.embed[...][tokens]
+    for i, block in enumerate(module.layers):
+        np.testing.assert_array_equal(cap.inputs[i], x)
+        mid = x if block.attention is None else x + block.attention(x, pos, seg, None)[0]
+        np.testing.assert_allclose(cap.mids[i], mid, rtol=1e-6, atol=1e-6)
+        x, _ = block(x, pos, seg, None)
+        want = mid if block.ffn is None else mid + block.ffn(mid)
+        np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(block.feed(cap.mids[i]), x)
+    np.testing.assert_array_equal(cap.final, x)
+    h, _ = module.hidden_states(tokens, pos, seg)
+    np.testing.assert_array_equal(module.final_norm(cap.final), h)
+    # the same states under jit and with scanned layers (the weights are the same layers)
+    graphdef, state = model.split()
+    cap_jit = jax.jit(lambda s, t, p, g: nnx.merge(graphdef, s).capture(t, p, g))(state, tokens, pos, seg)
+    for a, c in zip([*cap.mids, cap.final], [*cap_jit.mids, cap_jit.final], strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    scanned = _policy_model(model, scan=True).module.capture(tokens, pos, seg)
+    np.testing.assert_array_equal(scanned.final, cap.final)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_logits_from_any_layer_equal_the_full_forward(scan):
+    model = _policy_model(_model(_cfg(["gqa:2 swiglu:64", "3x gqa:1 swiglu:32", "none linear"]), seed=6), scan)
+    b = _batch(np.random.default_rng(4))
+    tokens, pos, seg = (jnp.asarray(a) for a in (b.inputs, b.positions, b.segment_ids))
+    module = model.module
+    full, _ = module(tokens, pos, seg)
+    cap = module.capture(tokens, pos, seg)
+    states = [*cap.inputs, cap.final]
+    for start, x in enumerate(states):
+        np.testing.assert_allclose(module.logits_from(start, x, pos, seg), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        module.logits_from(len(states), cap.final, pos, seg)
+
+
+def test_candidate_block_is_the_models_block(parent, library):
+    """`block_for` with the parent's own weights reproduces the parent's layer exactly."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 6, 32)), jnp.float32)
+    pos = jnp.tile(jnp.arange(6), (2, 1))
+    layer = parent.module.layers[1]
+    weights = {k: library.layers[1][k][n].params for k, n in (("attention", "gqa2"), ("ffn", "swiglu64"))}
+    block = sb.block_for(parent.config, parent.config.blocks[1], weights)
+    np.testing.assert_array_equal(block(x, pos, None, None)[0], layer(x, pos, None, None)[0])
+    with pytest.raises(KeyError, match="missing"):
+        sb.block_for(parent.config, parent.config.blocks[1], {"attention": weights["attention"]})
+
+
+# ---------------------------------------------------------------- one block grammar
+ALL_SUBBLOCKS = [AttentionConfig("gqa", 8), AttentionConfig("gqa", 1), AttentionConfig("linear"),
+                 AttentionConfig("none"), FFNConfig("swiglu", 768), FFNConfig("linear"), FFNConfig("none")]
+
+
+@pytest.mark.parametrize("spelling", ["compact", "display", "key"])
+def test_block_grammar_round_trips_every_kind(spelling):
+    from nemotron_jax.config import format_subblock, parse_subblock
+
+    for sub in ALL_SUBBLOCKS:
+        slot = sb.kind_of(sub)
+        text = format_subblock(sub, spelling)
+        assert parse_subblock(slot, text) == sub, (spelling, text)
+        assert " " not in text
+    # the spellings already on disk and on screen
+    assert [format_subblock(s, "key") for s in ALL_SUBBLOCKS] == [
+        "gqa8", "gqa1", "linear", "none", "swiglu768", "linear", "none"]
+    assert [str(s) for s in ALL_SUBBLOCKS] == ["gqa(kv=8)", "gqa(kv=1)", "linear", "none", "swiglu(768)",
+                                               "linear", "none"]
+    assert [sb.variant_name(s) for s in ALL_SUBBLOCKS] == [format_subblock(s, "key") for s in ALL_SUBBLOCKS]
+    assert all(sb.variant_from_name(sb.kind_of(s), sb.variant_name(s)) == s for s in ALL_SUBBLOCKS)
+    mult = FFNConfig("swiglu", 4864, 31.40625)
+    assert format_subblock(mult) == "mult:31.40625" and format_subblock(mult, "key") == "swiglu4864"
+    assert parse_subblock("ffn", "mult:31.40625", 232) == FFNConfig("swiglu", 4864, 31.40625)
+    for slot, bad in (("attention", "gqa"), ("attention", "swiglu:8"), ("ffn", "gqa:8"), ("ffn", "mult:x"),
+                      ("attention", "gqa:x"), ("ffn", "linear:3")):
+        with pytest.raises(ValueError, match=f"{slot} must be"):
+            parse_subblock(slot, bad)
+
+
+def test_compact_blocks_read_every_spelling():
+    cfg = _cfg(["2x gqa:2 swiglu:64", "gqa(kv=1) swiglu(32)", "gqa1 linear", "none swiglu64", "linear none"])
+    assert [(str(b.attention), str(b.ffn)) for b in cfg.blocks] == [
+        ("gqa(kv=2)", "swiglu(64)"), ("gqa(kv=2)", "swiglu(64)"), ("gqa(kv=1)", "swiglu(32)"),
+        ("gqa(kv=1)", "linear"), ("none", "swiglu(64)"), ("linear", "none")]
+    assert cfg.to_dict()["blocks"] == ["2x gqa:2 swiglu:64", "gqa:1 swiglu:32", "gqa:1 linear", "none swiglu:64",
+                                       "linear none"]
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ---------------------------------------------------------------- one KDConfig, one optimiser
+def test_puzzle_kd_section_is_the_training_kd_config():
+    from nemotron_jax.puzzle.config import RecoveryConfig
+    from nemotron_jax.train.config import KDConfig
+
+    cfg = load_config("configs/puzzle/tiny.yaml", ["kd.steps=7", "kd.temperature=2.0"])
+    assert isinstance(cfg.kd, KDConfig) and isinstance(cfg.kd, RecoveryConfig)
+    assert (cfg.kd.steps, cfg.kd.lr) == (7, 1e-3)
+    assert cfg.kd.loss() == KDConfig(temperature=2.0, kl_weight=1.0, cosine_weight=1.0, lm_weight=0.0)
+    assert type(cfg.kd.loss()) is KDConfig
+    assert load_config(None).kd.loss() == KDConfig(cosine_weight=1.0)  # SPEC §5: L = KL + (1 − cos)
+    with pytest.raises(ConfigError, match=r"kd\.stpes"):
+        load_config(None, ["kd.stpes=3"])
+
+
+def test_bld_optimizer_clips_each_candidate_and_keeps_the_schedule():
+    import optax
+
+    cfg = BLDConfig(steps=40, lr=1e-3, warmup_ratio=0.05, min_lr_ratio=1e-5, clip_norm=1.0, weight_decay=0.0)
+    opt, total = bld.optimizer_config(cfg)
+    from nemotron_jax.train.optim import make_schedule
+
+    schedule = make_schedule(opt, total)
+    old = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, 2, 40, end_value=cfg.lr * cfg.min_lr_ratio)
+    for step in range(0, 45):
+        assert float(schedule(step)) == float(old(step)), step
+    tx = bld.bld_optimizer(cfg)
+    params = {"attention/gqa1": {"q": jnp.ones((2, 2))}, "ffn/linear": {"kernel": jnp.ones((2, 2))}}
+    small = {"attention/gqa1": {"q": jnp.full((2, 2), 0.1)}, "ffn/linear": {"kernel": jnp.full((2, 2), 0.1)}}
+    huge = {**small, "ffn/linear": {"kernel": jnp.full((2, 2), 1e9)}}
+    state = tx.init(params)
+    _, state = tx.update(small, state, params)  # step 0: lr 0 at the start of the warm-up
+    upd_small, _ = tx.update(small, state, params)
+    upd_huge, _ = tx.update(huge, state, params)
+    # a huge gradient in one candidate does not shrink another candidate's update (a global clip would)
+    assert float(jnp.abs(upd_small["attention/gqa1"]["q"]).min()) > 0
+    np.testing.assert_array_equal(upd_small["attention/gqa1"]["q"], upd_huge["attention/gqa1"]["q"])
+    assert jax.tree.structure(upd_small) == jax.tree.structure(params)
+
+
+class _IndexedStream:
+    """Batch k is a pure function of k; the position is checkpointed like a Grain iterator's."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.i, self.fail_at = 0, fail_at
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TokenBatch:
+        if self.i == self.fail_at:
+            raise RuntimeError("killed")
+        self.i += 1
+        return _batch(np.random.default_rng(100 + self.i))
+
+    def get_state(self) -> dict:
+        return {"i": self.i}
+
+    def set_state(self, state: dict) -> None:
+        self.i = state["i"]
+
+
+def test_bld_interrupted_run_resumes_exactly(parent, library, tmp_path):
+    cfg = BLDConfig(steps=8, lr=3e-3, warmup_ratio=0.1, checkpoint_every=4)
+    whole, _ = bld.train_bld(library, parent, _IndexedStream(), cfg, tmp_path / "a", progress=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        bld.train_bld(library, parent, _IndexedStream(fail_at=6), cfg, tmp_path / "b", progress=False)
+    resumed, history = bld.train_bld(library, parent, _IndexedStream(), cfg, tmp_path / "b", progress=False)
+    assert [h["step"] for h in history] == [8]
+    for (_, a), (_, b) in zip(whole.all(), resumed.all(), strict=True):
+        for p in a.params:
+            np.testing.assert_array_equal(a.params[p], b.params[p])

@@ -4,6 +4,10 @@
     for block:  x = x + Attn(norm(x)) if attention;  x = x + FFN(norm(x)) if ffn
     logits = lm_head(norm(x))
 
+A block is its two residual halves, `Block.attend` and `Block.feed`; `Transformer.capture` returns
+every layer's input and mid-block state and `Transformer.logits_from` runs the stack from any
+layer, so Puzzle reads and replays the parent through this one implementation.
+
 Legend for array names: B batch, T tokens in this call, S cache slots, D hidden, V vocab,
 N query heads, K KV heads, H head dim, F FFN width.
 """
@@ -11,7 +15,7 @@ N query heads, K KV heads, H head dim, F FFN width.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,12 +77,32 @@ class Block(nnx.Module):
 
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array | None,
                  cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
-        if self.attention is not None:
-            out, cache = self.attention(x_BxTxD, positions_BxT, segment_ids_BxT, cache, self.attention_fn)
-            x_BxTxD = constrain(x_BxTxD + out, ("batch", "seq", "act_embed"))
-        if self.ffn is not None:
-            x_BxTxD = constrain(x_BxTxD + self.ffn(x_BxTxD, self.ffn_fn), ("batch", "seq", "act_embed"))
-        return x_BxTxD, cache
+        mid_BxTxD, cache = self.attend(x_BxTxD, positions_BxT, segment_ids_BxT, cache)
+        return self.feed(mid_BxTxD), cache
+
+    def attend(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array | None,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The first residual half, mid = x + Attn(x) (x itself without attention), and the cache."""
+        if self.attention is None:
+            return x_BxTxD, cache
+        out_BxTxD, cache = self.attention(x_BxTxD, positions_BxT, segment_ids_BxT, cache, self.attention_fn)
+        return constrain(x_BxTxD + out_BxTxD, ("batch", "seq", "act_embed")), cache
+
+    def feed(self, mid_BxTxD: jax.Array) -> jax.Array:
+        """The second residual half, mid + FFN(mid) (mid itself without an FFN)."""
+        if self.ffn is None:
+            return mid_BxTxD
+        return constrain(mid_BxTxD + self.ffn(mid_BxTxD, self.ffn_fn), ("batch", "seq", "act_embed"))
+
+
+class Capture(NamedTuple):
+    """The parent's states per layer, what Puzzle builds, trains and scores candidates against:
+    `inputs[i]` enters block i, `mids[i]` = inputs[i] + Attn(inputs[i]), and `final` leaves the
+    last block (before the final norm)."""
+
+    inputs: list[jax.Array]
+    mids: list[jax.Array]
+    final: jax.Array
 
 
 class Transformer(nnx.Module):
@@ -95,20 +119,56 @@ class Transformer(nnx.Module):
                       segment_ids_BxT: jax.Array | None = None, cache: Cache | None = None,
                       ) -> tuple[jax.Array, Cache | None]:
         """The final-normed hidden states [B, T, D] (and the updated cache)."""
-        if positions_BxT is None:
-            positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        positions_BxT = _default_positions(tokens_BxT, positions_BxT)
+        x, cache = self.run_layers(self.embed_tokens(tokens_BxT), positions_BxT, segment_ids_BxT, cache)
+        return self.final_norm(x), cache
+
+    def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
+        """The state entering layer 0: embeddings [B, T, D] in the compute dtype."""
         x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.policy.dtype)
-        x = constrain(x, ("batch", "seq", "act_embed"))
+        return constrain(x, ("batch", "seq", "act_embed"))
+
+    def run_layers(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None,
+                   cache: Cache | None = None, start: int = 0) -> tuple[jax.Array, Cache | None]:
+        """Layers `start`.. on the state entering layer `start`: the state after the last block
+        (before the final norm) and the updated cache of those layers (`cache[i]` is layer start + i)."""
+        if not 0 <= start <= len(self.layers):
+            raise ValueError(f"start={start} outside the {len(self.layers)} layers")
         new_cache: Cache | None = None if cache is None else []
-        for start, stop in self._runs(cache is None):
-            if stop - start > 1:
-                x = self._scan_run(start, stop, x, positions_BxT, segment_ids_BxT)
+        for first, stop in self._runs(cache is None, start):
+            if stop - first > 1:
+                x_BxTxD = self._scan_run(first, stop, x_BxTxD, positions_BxT, segment_ids_BxT)
                 continue
-            layer_cache = None if cache is None else cache[start]
-            x, layer_cache = self._apply(self.layers[start], x, positions_BxT, segment_ids_BxT, layer_cache)
+            layer_cache = None if cache is None else cache[first - start]
+            x_BxTxD, layer_cache = self._apply(self.layers[first], x_BxTxD, positions_BxT, segment_ids_BxT,
+                                               layer_cache)
             if new_cache is not None:
                 new_cache.append(layer_cache)
-        return self.final_norm(x), new_cache
+        return x_BxTxD, new_cache
+
+    def logits_from(self, start: int, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                    segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+        """Float32 logits [B, T, V] from the state entering layer `start` (`num_layers`: the head only);
+        how Puzzle scores a child that differs from the parent only before `start`."""
+        x_BxTxD, _ = self.run_layers(x_BxTxD, positions_BxT, segment_ids_BxT, start=start)
+        return self.project(self.final_norm(x_BxTxD))
+
+    def capture(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+                segment_ids_BxT: jax.Array | None = None) -> Capture:
+        """Every layer's input and mid-block state, and the final pre-norm state (no cache).
+
+        Runs the blocks one by one through `Block.attend` / `Block.feed` (the halves of
+        `Block.__call__`), also under `scan_layers`, and without remat: it is for activations,
+        not gradients. Works under jit."""
+        positions_BxT = _default_positions(tokens_BxT, positions_BxT)
+        x = self.embed_tokens(tokens_BxT)
+        inputs, mids = [], []
+        for block in self.layers:
+            inputs.append(x)
+            mid, _ = block.attend(x, positions_BxT, segment_ids_BxT)
+            mids.append(mid)
+            x = block.feed(mid)
+        return Capture(inputs, mids, x)
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                  segment_ids_BxT: jax.Array | None = None, cache: Cache | None = None,
@@ -152,11 +212,11 @@ class Transformer(nnx.Module):
 
         return jax.checkpoint(pure, policy=self._remat_policy())(state, x, positions, segment_ids, cache)
 
-    def _runs(self, allow_scan: bool) -> list[tuple[int, int]]:
-        """[start, stop) ranges: runs of identical blocks when scanning, else single layers."""
+    def _runs(self, allow_scan: bool, first: int = 0) -> list[tuple[int, int]]:
+        """[start, stop) ranges from layer `first`: runs of identical blocks when scanning, else single layers."""
         blocks = self.config.blocks
-        runs, start = [], 0
-        for i in range(1, len(blocks) + 1):
+        runs, start = [], first
+        for i in range(first + 1, len(blocks) + 1):
             if i == len(blocks) or not (allow_scan and self.policy.scan_layers and blocks[i] == blocks[start]):
                 runs.append((start, i))
                 start = i
@@ -176,3 +236,9 @@ class Transformer(nnx.Module):
         if self.policy.remat != "none":
             body = jax.checkpoint(body, policy=self._remat_policy())
         return jax.lax.scan(body, x, stacked)[0]
+
+
+def _default_positions(tokens_BxT: jax.Array, positions_BxT: jax.Array | None) -> jax.Array:
+    if positions_BxT is None:
+        return jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    return positions_BxT

@@ -21,7 +21,7 @@ from nemotron_jax.data.pipeline import DataConfig
 from nemotron_jax.model.params import assemble, flat_params
 from nemotron_jax.model.transformer import Policy
 from nemotron_jax.puzzle import subblocks as sb
-from nemotron_jax.puzzle.config import KDConfig
+from nemotron_jax.puzzle.config import RecoveryConfig
 from nemotron_jax.puzzle.library import Library
 
 Choice = Sequence[tuple[AttentionConfig, FFNConfig]]
@@ -60,14 +60,13 @@ def describe(choice: Choice) -> list[str]:
 
 
 def kd_recover(student_dir: str | Path, teacher_dir: str | Path, output_dir: str | Path, data: DataConfig,
-               cfg: KDConfig, seed: int = 0, progress: bool = True) -> Model:
+               cfg: RecoveryConfig, seed: int = 0, progress: bool = True) -> Model:
     """Global KD of the saved child from the saved parent (resumable: the recipe checkpoints).
 
-    Uses the training package's `kd` recipe: forward KL(parent‖child) on logits plus
-    (1 − cos) on the final hidden states, weights `kl_weight` : `cosine_weight`, no LM term.
+    Uses the training package's `kd` recipe with the loss `cfg.loss()` (by default forward
+    KL(parent‖child) on logits plus (1 − cos) on the final hidden states, no LM term).
     Returns the distilled child (also saved in `{output_dir}/model`)."""
     from nemotron_jax.train import KDRecipe, run_training
-    from nemotron_jax.train.config import KDConfig as RecipeKD
     from nemotron_jax.train.config import ModelSpec, TeacherSpec
     from nemotron_jax.train.optim import OptimizerConfig
 
@@ -75,7 +74,7 @@ def kd_recover(student_dir: str | Path, teacher_dir: str | Path, output_dir: str
         output_dir=str(output_dir), seed=seed, steps=cfg.steps, log_every=max(1, min(10, cfg.steps)),
         checkpoint_every=max(1, cfg.steps // 2), progress=progress, eval_batches=2,
         model=ModelSpec(source=str(student_dir)), teacher=TeacherSpec(source=str(teacher_dir)),
-        kd=RecipeKD(kl_weight=cfg.kl_weight, cosine_weight=cfg.cosine_weight, lm_weight=0.0),
+        kd=cfg.loss(),
         data=dataclasses.replace(data), optimizer=OptimizerConfig(
             lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0))
     return run_training(recipe).model

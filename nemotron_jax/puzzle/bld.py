@@ -8,7 +8,9 @@ parent forward per batch, then one jitted step per layer holding all that layer'
 (losses summed; gradients clipped per candidate, so they stay independent). The layers of a
 homogeneous parent share one compiled step. The loss is
 the normalised MSE Σ(ŷ − y)² / (Σ y² + ε) over real tokens. Parent copies and no-ops are not
-trained. Checkpoints (Orbax: weights, optimiser, data position) make the stage resumable.
+trained. The optimiser is the training package's (`train.optim.make_optimizer`) after a
+per-candidate clip, and checkpoints (weights, optimiser, data position) go through the training
+package's `RunCheckpoints`, so the stage resumes exactly.
 
 Legend: B batch, T tokens, D hidden.
 """
@@ -25,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
@@ -35,6 +36,8 @@ from nemotron_jax.data.batch import TokenBatch as Batch
 from nemotron_jax.puzzle import subblocks as sb
 from nemotron_jax.puzzle.config import BLDConfig
 from nemotron_jax.puzzle.library import Library
+from nemotron_jax.train.checkpoints import RunCheckpoints
+from nemotron_jax.train.optim import OptimizerConfig, make_optimizer
 
 Trainables = dict[str, dict[str, jax.Array]]  # "slot/name" -> {"path/in/module": weight}
 EPS = 1e-6
@@ -78,8 +81,7 @@ def layer_losses(cfg: ModelConfig, trainables: Trainables, acts: tuple[jax.Array
 def parent_activations(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]
                        ) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
     """Per layer the parent's (block input, mid-block state, block output)."""
-    inputs, mids, final = sb.capture(nnx.merge(graphdef, state), batch.inputs, batch.positions,
-                                     batch.segment_ids)
+    inputs, mids, final = nnx.merge(graphdef, state).capture(batch.inputs, batch.positions, batch.segment_ids)
     return list(zip(inputs, mids, [*inputs[1:], final], strict=True))
 
 
@@ -96,14 +98,19 @@ def _clip_each(max_norm: float) -> optax.GradientTransformation:
     return optax.stateless(clip)
 
 
-def make_optimizer(cfg: BLDConfig) -> optax.GradientTransformation:
-    """AdamW (b1, b2), decay on matrices only, `warmup_ratio` warm-up then cosine to lr·min_lr_ratio."""
+def optimizer_config(cfg: BLDConfig) -> tuple[OptimizerConfig, int]:
+    """BLD's settings as the shared `OptimizerConfig` and its total steps: at least one warm-up
+    step, then cosine to lr·min_lr_ratio; the clip is per candidate (`_clip_each`), not global."""
     warmup = max(1, round(cfg.warmup_ratio * cfg.steps))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1),
-                                                  end_value=cfg.lr * cfg.min_lr_ratio)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(_clip_each(cfg.clip_norm),
-                       optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
+    return OptimizerConfig(lr=cfg.lr, schedule="cosine", warmup_steps=warmup, min_lr_ratio=cfg.min_lr_ratio,
+                           b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, clip_norm=None
+                           ), max(cfg.steps, warmup + 1)
+
+
+def bld_optimizer(cfg: BLDConfig) -> optax.GradientTransformation:
+    """Clip each candidate's gradient, then the training package's AdamW on its schedule."""
+    tx, _ = make_optimizer(*optimizer_config(cfg))
+    return optax.chain(_clip_each(cfg.clip_norm), tx)
 
 
 def evaluate(library: Library, parent: Model, batches: list[Batch], trained: dict[int, Trainables] | None = None
@@ -138,7 +145,7 @@ def train_bld(library: Library, parent: Model, batches: Iterator[Batch], cfg: BL
     layers = {i: t for i in range(mcfg.num_layers) if (t := layer_trainables(library, i))}
     if not layers:
         return library, []
-    tx = make_optimizer(cfg)
+    tx = bld_optimizer(cfg)
 
     def step(trainables: Trainables, opt_state: Any, acts: tuple[jax.Array, ...], positions: jax.Array,
              segment_ids: jax.Array) -> tuple[Trainables, Any, dict[str, jax.Array]]:
@@ -152,18 +159,14 @@ def train_bld(library: Library, parent: Model, batches: Iterator[Batch], cfg: BL
 
     jitted = jax.jit(step, donate_argnums=(0, 1))
     state = {"layers": {str(i): {"trainables": t, "opt_state": tx.init(t)} for i, t in layers.items()}}
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=False)
     history: list[dict[str, float]] = []
-    with ocp.CheckpointManager(Path(ckpt_dir).absolute(), options=options) as manager:
-        start = manager.latest_step() or 0
+    checkpoints = RunCheckpoints(ckpt_dir, keep=1, use_async=False)
+    try:
+        start = checkpoints.latest_step() or 0
         if start:
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-            restored = manager.restore(start, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-            state = restored.state
-            if hasattr(batches, "set_state") and restored.data.get("iterator") is not None:
-                batches.set_state(restored.data["iterator"])
+            state, data_state, _ = checkpoints.restore(start, state)
+            if hasattr(batches, "set_state") and data_state:
+                batches.set_state(data_state)
             tqdm.write(f"bld: resuming from step {start} in {ckpt_dir}", file=sys.stderr)
         bar = tqdm(total=cfg.steps, initial=start, desc="bld", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True)
@@ -180,12 +183,13 @@ def train_bld(library: Library, parent: Model, batches: Iterator[Batch], cfg: BL
                 history.append({"step": s, "mean_loss": float(np.mean(jax.device_get(step_losses)))})
                 bar.set_postfix(mean_nmse=f"{history[-1]['mean_loss']:.4f}")
             if s % cfg.checkpoint_every == 0 or s == cfg.steps:
-                data = {"iterator": batches.get_state() if hasattr(batches, "get_state") else None}
-                manager.save(s, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=ocp.args.JsonSave(data)))
+                data_state = batches.get_state() if hasattr(batches, "get_state") else {}
+                checkpoints.save(s, state, data_state, {"step": s, "kind": "bld"})
             bar.update(1)
         bar.close()
-        manager.wait_until_finished()
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
     trained = {int(k): v["trainables"] for k, v in state["layers"].items()}
     return with_trainables(library, trained, "bld"), history
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from nemotron_jax.data.pipeline import DataConfig
 from nemotron_jax.errors import ConfigError
+from nemotron_jax.train.config import KDConfig
 from nemotron_jax.typed_yaml import load_yaml
 
 
@@ -116,14 +117,18 @@ class SearchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class KDConfig:
-    """Global KD after assembly (SPEC §5): L = kl_weight·KL + cosine_weight·(1 − cos)."""
+class RecoveryConfig(KDConfig):
+    """Global KD after assembly (SPEC §5): the training package's `KDConfig` loss (its fields,
+    here defaulting to L = KL + (1 − cos), no LM term) plus the length and learning rate of the run."""
 
+    cosine_weight: float = 1.0
     steps: int = 150
     lr: float = 1e-3
-    kl_weight: float = 1.0
-    cosine_weight: float = 1.0
     warmup_ratio: float = 0.05
+
+    def loss(self) -> KDConfig:
+        """The loss part, as the training package's `KDConfig`."""
+        return KDConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(KDConfig)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +151,7 @@ class PuzzleConfig:
     score: ScoreConfig = ScoreConfig()
     costs: CostConfig = CostConfig()
     search: SearchConfig = SearchConfig()
-    kd: KDConfig = KDConfig()
+    kd: RecoveryConfig = RecoveryConfig()
     output: OutputConfig = OutputConfig()
 
     def validate(self) -> None:

@@ -157,7 +157,7 @@ def _ffn_calibration(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array
     """Per SwiGLU layer, over real tokens: (Σ|X| [F], Σ hᵀh [D, D], Σ hᵀy [D, D]), h the normed
     FFN input and y the FFN output (float32 sums; what importance and least squares need)."""
     model = nnx.merge(graphdef, state)
-    _, mids, _ = sb.capture(model, tokens, positions, segment_ids)
+    mids = model.capture(tokens, positions, segment_ids).mids
     mask_N1 = (segment_ids.reshape(-1, 1) > 0).astype(jnp.float32)
     out = []
     for block, mid in zip(model.layers, mids, strict=True):
@@ -167,7 +167,7 @@ def _ffn_calibration(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array
         h_BxTxD = block.ffn.norm(mid)
         act_BxTxF = jax.nn.silu(h_BxTxD @ block.ffn.gate[...]) * (h_BxTxD @ block.ffn.up[...])
         h_NxD = h_BxTxD.reshape(-1, h_BxTxD.shape[-1]).astype(jnp.float32) * mask_N1
-        y_NxD = block.ffn(mid).reshape(h_NxD.shape).astype(jnp.float32)
+        y_NxD = block.ffn(mid, block.ffn_fn).reshape(h_NxD.shape).astype(jnp.float32)
         out.append((jnp.sum(jnp.abs(act_BxTxF.reshape(-1, act_BxTxF.shape[-1])) * mask_N1, axis=0),
                     h_NxD.T @ h_NxD, h_NxD.T @ y_NxD))
     return out

@@ -3,9 +3,11 @@
 For a candidate of layer i the child is the parent with only that subblock replaced; its
 quality is KL(parent ‖ child) of the next-token distributions (SPEC §5: the best of the metrics
 tried in the paper), and its LM loss, on held-out data. Nothing before layer i changes, so the
-parent runs once per batch and its per-layer activations are cached; a candidate then runs
-only its own subblock (an attention candidate also the parent's FFN of that layer) and layers
-i+1.. from the cached state. An architecture's quality is the sum of its subblocks' scores.
+parent runs once per batch and its per-layer activations are cached (`Transformer.capture`); a
+candidate then runs as the parent's block i with that one subblock swapped (the model's own
+`Block`, via `subblocks.block_for`: an attention candidate its `attend` and the parent's FFN
+`feed`, an FFN candidate only `feed` of the cached mid-block state), then layers i+1.. from
+there (`Transformer.logits_from`). An architecture's quality is the sum of its subblocks' scores.
 
 Legend: B batch, T tokens, D hidden, V vocab.
 """
@@ -21,7 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from nemotron_jax.api import Model
-from nemotron_jax.config import ModelConfig
+from nemotron_jax.config import BlockConfig, ModelConfig
 from nemotron_jax.data.batch import TokenBatch as Batch
 from nemotron_jax.model.params import flat_params
 from nemotron_jax.puzzle import subblocks as sb
@@ -41,23 +43,24 @@ def kl_and_ce(logits_BxTxV: jax.Array, parent_logp_BxTxV: jax.Array, targets_BxT
     return jnp.sum(kl * w), jnp.sum(ce * w), jnp.sum(w)
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _apply(cfg: ModelConfig, variant: sb.Variant, params: sb.SubParams, x: jax.Array, positions: jax.Array,
-           segment_ids: jax.Array) -> jax.Array:
-    return x + sb.apply(cfg, variant, params, x, positions, segment_ids)
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _half(cfg: ModelConfig, block: BlockConfig, half: str, params: dict[str, sb.SubParams], x: jax.Array,
+          positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """One residual half ("attend" or "feed") of the model's own `Block` holding `params`."""
+    module = sb.block_for(cfg, block, params)
+    return module.attend(x, positions, segment_ids)[0] if half == "attend" else module.feed(x)
 
 
 @partial(jax.jit, static_argnums=(0, 2))
 def _tail(graphdef: nnx.GraphDef, state: nnx.State, start: int, x: jax.Array, batch: dict[str, jax.Array],
           parent_logp: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    logits = sb.run_tail(nnx.merge(graphdef, state), start, x, batch.positions, batch.segment_ids)
+    logits = nnx.merge(graphdef, state).logits_from(start, x, batch.positions, batch.segment_ids)
     return kl_and_ce(logits, parent_logp, batch.targets, batch.weights)
 
 
-@partial(jax.jit, static_argnums=0)
-def _parent_logp(graphdef: nnx.GraphDef, state: nnx.State, final: jax.Array) -> jax.Array:
-    model = nnx.merge(graphdef, state)
-    return jax.nn.log_softmax(model.project(model.final_norm(final)), axis=-1)
+@partial(jax.jit, static_argnums=(0, 3))
+def _parent_logp(graphdef: nnx.GraphDef, state: nnx.State, final: jax.Array, layers: int) -> jax.Array:
+    return jax.nn.log_softmax(nnx.merge(graphdef, state).logits_from(layers, final, None), axis=-1)
 
 
 class ParentCache:
@@ -71,7 +74,7 @@ class ParentCache:
         for b in self.batches:
             acts = parent_activations(self.graphdef, self.state, b)
             self.acts.append(acts)
-            self.logp.append(_parent_logp(self.graphdef, self.state, acts[-1][2]))
+            self.logp.append(_parent_logp(self.graphdef, self.state, acts[-1][2], self.config.num_layers))
         flat = flat_params(parent.module)
         self.parent_params = {(i, kind): sb.block_params(flat, i, kind)
                               for i in range(self.config.num_layers) for kind in ("attention", "ffn")}
@@ -87,17 +90,18 @@ class ParentCache:
 
     def replace_one(self, layer: int, variant: sb.Variant, params: sb.SubParams) -> dict[str, float]:
         """Scores of the parent with subblock `variant` (weights `params`) at `layer`."""
-        cfg = self.config
+        cfg, kind = self.config, sb.kind_of(variant)
+        att, ffn = sb.parent_variants(cfg, layer)
+        block = BlockConfig(sb.plain_variant(variant), ffn) if kind == "attention" else BlockConfig(
+            att, sb.plain_variant(variant))
+        weights = {"attention": self.parent_params[(layer, "attention")], "ffn": self.parent_params[(layer, "ffn")],
+                   kind: params}
         outs = []
         for b, acts in zip(self.batches, self.acts, strict=True):
             x_in, mid, _ = acts[layer]
-            if sb.kind_of(variant) == "attention":
-                mid = _apply(cfg, sb.plain_variant(variant), params, x_in, b.positions, b.segment_ids)
-                ffn = sb.parent_variants(cfg, layer)[1]
-                out = _apply(cfg, ffn, self.parent_params[(layer, "ffn")], mid, b.positions, b.segment_ids)
-            else:
-                out = _apply(cfg, sb.plain_variant(variant), params, mid, b.positions, b.segment_ids)
-            outs.append(out)
+            if kind == "attention":
+                mid = _half(cfg, block, "attend", weights, x_in, b.positions, b.segment_ids)
+            outs.append(_half(cfg, block, "feed", weights, mid, b.positions, b.segment_ids))
         return self.tail_from(layer + 1, outs)
 
     def parent_scores(self) -> dict[str, float]:

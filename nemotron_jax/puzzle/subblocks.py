@@ -4,7 +4,10 @@ Puzzle handles every candidate as one residual *subblock*: an attention subblock
 input x to its delta Attn(norm(x)); an FFN subblock maps the mid-block state m = x + Attn(..) to
 FFN(norm(m)). Weights are flat dicts keyed by the path inside the model's own module
 (`("q",)`, `("norm", "weight")`, ...), so a chosen variant drops into `("layers", i, "attention",
-*path)` of the child unchanged, and the candidates run through the very modules the model uses.
+*path)` of the child unchanged, and the candidates run as the model's own `Block` (`block_for`):
+there is no second implementation of a block here. The parent's per-layer states come from
+`Transformer.capture`, and the layers after a candidate run through `Transformer.logits_from`.
+Variant names are the `key` spelling of the block grammar in `nemotron_jax.config`.
 
 Legend: B batch, T tokens, D hidden, L layers.
 """
@@ -19,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemotron_jax.config import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
-from nemotron_jax.model.transformer import Block, Policy, Transformer
+from nemotron_jax.config import AttentionConfig, BlockConfig, FFNConfig, ModelConfig, format_subblock, parse_subblock
+from nemotron_jax.model.transformer import Block, Policy
 
 Variant = AttentionConfig | FFNConfig
 SubPath = tuple[str, ...]
@@ -34,16 +37,13 @@ def kind_of(variant: Variant) -> str:
 
 
 def variant_name(variant: Variant) -> str:
-    """A short name safe as a file/Orbax key: gqa8, linear, none; swiglu768, linear, none."""
-    if isinstance(variant, AttentionConfig):
-        return f"gqa{variant.num_kv_heads}" if variant.kind == "gqa" else variant.kind
-    return f"swiglu{variant.intermediate_size}" if variant.kind == "swiglu" else variant.kind
+    """A short name safe as a file/Orbax key (the grammar's `key` spelling): gqa8, swiglu768, linear, none."""
+    return format_subblock(variant, "key")
 
 
 def variant_from_name(kind: str, name: str) -> Variant:
-    if kind == "attention":
-        return AttentionConfig("gqa", int(name[3:])) if name.startswith("gqa") else AttentionConfig(name)
-    return FFNConfig("swiglu", int(name[6:])) if name.startswith("swiglu") else FFNConfig(name)
+    """Inverse of `variant_name` for slot `kind` (any spelling of the grammar is read)."""
+    return parse_subblock(kind, name)
 
 
 def plain_variant(variant: Variant) -> Variant:
@@ -62,43 +62,48 @@ def model_key(cfg: ModelConfig) -> ModelConfig:
 
 
 @functools.lru_cache(maxsize=256)
-def _graph(key: ModelConfig, variant: Variant) -> tuple[nnx.GraphDef, tuple[tuple[SubPath, Any], ...]] | None:
-    if variant.kind == "none":
-        return None
-    abstract = nnx.eval_shape(lambda: Block(key, block_with(variant), Policy(), rngs=nnx.Rngs(0)))
-    module = abstract.attention if isinstance(variant, AttentionConfig) else abstract.ffn
-    graphdef, state = nnx.split(module)
+def _graph(key: ModelConfig, block: BlockConfig) -> tuple[nnx.GraphDef, tuple[tuple[SubPath, Any], ...]]:
+    """The graph and abstract weights of the model's own `Block` for `block` (paths start with
+    the slot, e.g. ("attention", "q"))."""
+    abstract = nnx.eval_shape(lambda: Block(key, block, Policy(), rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
     return graphdef, tuple((tuple(str(p) for p in path), v) for path, v in nnx.to_flat_state(state))
 
 
 def param_shapes(cfg: ModelConfig, variant: Variant) -> dict[SubPath, tuple[int, ...]]:
     """Path -> shape of every weight of the variant (empty for no-op)."""
-    graph = _graph(model_key(cfg), plain_variant(variant))
-    return {} if graph is None else {p: tuple(v.shape) for p, v in graph[1]}
+    _, abstract = _graph(model_key(cfg), block_with(plain_variant(variant)))
+    return {p[1:]: tuple(v.shape) for p, v in abstract}
+
+
+def block_for(cfg: ModelConfig, block: BlockConfig, params: dict[str, SubParams]) -> Block:
+    """The model's own `Block` of `block` holding exactly `params` ({"attention": .., "ffn": ..},
+    each a flat subblock weight dict; a no-op slot needs none). Works under jit."""
+    block = BlockConfig(block.attention, plain_variant(block.ffn))
+    graphdef, abstract = _graph(model_key(cfg), block)
+    missing = [path for path, _ in abstract if path[1:] not in params.get(path[0], {})]
+    if missing:
+        raise KeyError(f"{format_subblock(block.attention)} {format_subblock(block.ffn)}: missing weights {missing}")
+    state = nnx.from_flat_state([(path, v.replace(jnp.asarray(params[path[0]][path[1:]]))) for path, v in abstract])
+    return nnx.merge(graphdef, state)
 
 
 def module_for(cfg: ModelConfig, variant: Variant, params: SubParams) -> nnx.Module | None:
     """The model's own subblock module holding exactly `params` (None for no-op); works under jit."""
-    graph = _graph(model_key(cfg), plain_variant(variant))
-    if graph is None:
-        return None
-    graphdef, abstract = graph
-    missing = [p for p, _ in abstract if p not in params]
-    if missing:
-        raise KeyError(f"{variant_name(variant)}: missing weights {missing}")
-    state = nnx.from_flat_state([(p, v.replace(jnp.asarray(params[p]))) for p, v in abstract])
-    return nnx.merge(graphdef, state)
+    block = block_for(cfg, block_with(variant), {kind_of(variant): params})
+    return block.attention if isinstance(variant, AttentionConfig) else block.ffn
 
 
 def apply(cfg: ModelConfig, variant: Variant, params: SubParams, x_BxTxD: jax.Array, positions_BxT: jax.Array,
           segment_ids_BxT: jax.Array | None) -> jax.Array:
-    """The subblock's residual delta for input x (zeros for no-op)."""
-    module = module_for(cfg, variant, params)
-    if module is None:
-        return jnp.zeros_like(x_BxTxD)
+    """The subblock's residual delta for input x (zeros for no-op): what BLD trains towards the
+    parent's delta. Runs the subblock module of the model's own `Block`, with that block's kernels."""
+    block = block_for(cfg, block_with(variant), {kind_of(variant): params})
     if isinstance(variant, AttentionConfig):
-        return module(x_BxTxD, positions_BxT, segment_ids_BxT, None)[0]
-    return module(x_BxTxD)
+        if block.attention is None:
+            return jnp.zeros_like(x_BxTxD)
+        return block.attention(x_BxTxD, positions_BxT, segment_ids_BxT, None, block.attention_fn)[0]
+    return jnp.zeros_like(x_BxTxD) if block.ffn is None else block.ffn(x_BxTxD, block.ffn_fn)
 
 
 def block_params(flat: dict[tuple, Any], layer: int, kind: str) -> SubParams:
@@ -111,37 +116,6 @@ def block_params(flat: dict[tuple, Any], layer: int, kind: str) -> SubParams:
 def parent_variants(cfg: ModelConfig, layer: int) -> tuple[Variant, Variant]:
     b = cfg.blocks[layer]
     return b.attention, plain_variant(b.ffn)
-
-
-# ---------------------------------------------------------------- the parent's activations
-def run_block(block: Block, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-              segment_ids_BxT: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """(mid, out) of one block: mid = x + Attn(x), out = mid + FFN(mid) (no-op parts skipped)."""
-    mid = x_BxTxD
-    if block.attention is not None:
-        mid = x_BxTxD + block.attention(x_BxTxD, positions_BxT, segment_ids_BxT, None)[0]
-    out = mid if block.ffn is None else mid + block.ffn(mid)
-    return mid, out
-
-
-def capture(model: Transformer, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-            segment_ids_BxT: jax.Array | None) -> tuple[list[jax.Array], list[jax.Array], jax.Array]:
-    """Per layer the block input and the mid-block state, and the final (pre-norm) state."""
-    x = jnp.take(model.embed[...], tokens_BxT, axis=0).astype(model.policy.dtype)
-    inputs, mids = [], []
-    for block in model.layers:
-        inputs.append(x)
-        mid, x = run_block(block, x, positions_BxT, segment_ids_BxT)
-        mids.append(mid)
-    return inputs, mids, x
-
-
-def run_tail(model: Transformer, start: int, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-             segment_ids_BxT: jax.Array | None) -> jax.Array:
-    """Logits [B, T, V] from the state entering layer `start` (layers start.. of `model`)."""
-    for block in list(model.layers)[start:]:
-        x_BxTxD = run_block(block, x_BxTxD, positions_BxT, segment_ids_BxT)[1]
-    return model.project(model.final_norm(x_BxTxD))
 
 
 def to_numpy(params: SubParams) -> dict[SubPath, np.ndarray]:
