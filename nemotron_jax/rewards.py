@@ -17,7 +17,9 @@ from fractions import Fraction
 from typing import Any
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# ASCII digits only: Unicode `\d` (and `float`) accept e.g. Devanagari digits, which a random model emits.
+_NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?(?:/[0-9]+)?|-?\.[0-9]+")
+_ASCII_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?(?:/[-+]?[0-9]+)?")
 
 
 def final_answer_text(response: str, thinking: bool) -> str | None:
@@ -158,9 +160,11 @@ def _last_boxed(text: str) -> str | None:
 
 def _as_number(text: str) -> float | None:
     t = text.strip().replace(",", "").replace("$", "").replace("%", "").rstrip(".").strip()
-    frac = re.fullmatch(r"\\d?frac\{(-?\d+)\}\{(-?\d+)\}", t)
+    frac = re.fullmatch(r"\\d?frac\{(-?[0-9]+)\}\{(-?[0-9]+)\}", t)
     if frac:
         t = f"{frac.group(1)}/{frac.group(2)}"
+    if not _ASCII_NUMBER.fullmatch(t):
+        return None
     try:
         return float(Fraction(t)) if "/" in t else float(t)
     except (ValueError, ZeroDivisionError):
