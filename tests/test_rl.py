@@ -1,6 +1,7 @@
 """Rollouts, batches, prompt schedules and preference pairs of the RL recipes."""
 
 import dataclasses
+import json
 import time
 
 import jax
@@ -103,3 +104,31 @@ def test_policy_batch_keeps_informative_groups_and_pads_with_weightless_rows(sam
     for got, want in zip(jax.tree.leaves(batch), jax.tree.leaves(full), strict=True):
         np.testing.assert_array_equal(got[:3], want[3:])  # the same rows, in order
     assert not batch.weights[3].any() and not batch.segment_ids[3].any()
+
+
+def test_benchmark_prompts_are_rendered_and_graded_as_in_evaluation(tmp_path, tiny_hetero, tokenizer):
+    """prompts.benchmark: records in a benchmark's schema get its template and its grader, so an RL
+    accuracy reward and `nemotron-jax eval` score a response the same way."""
+    from nemotron_jax.eval import benchmarks
+    from nemotron_jax.rl.prompts import load_prompts
+
+    records = [{"question": "Which is a prime?", "choices": ["4", "6", "7", "9"], "answer": "C"},
+               {"question": "Which is even?", "choices": ["3", "8", "5", "1"], "answer": 1}]
+    path = tmp_path / "mcq.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    prompts = load_prompts(PromptConfig(path=str(path), benchmark="mcq", thinking_ratio=1.0), 0, tmp_path)
+    bench = benchmarks.get("mcq")
+    assert [p.messages() for p in prompts] == [bench.messages(r) for r in records]
+    right, wrong, unclosed = "<think>7 is prime.</think>The answer is (C).", "<think>hm</think>Answer: A", "<think>7"
+    assert [prompts[0].accuracy(t) for t in (right, wrong, unclosed)] == [1.0, 0.0, 0.0]
+    assert prompts[1].accuracy("<think>8</think>\\boxed{B}") == bench.score("<think>8</think>\\boxed{B}", records[1])
+    graphdef, params = nnx.split(tiny_hetero.module)
+    r = rollout(graphdef, params, tokenizer, prompts, 2, 6, seed=0)
+    owners = [p for p in prompts for _ in range(2)]
+    assert r.prompt_ids[0] == tokenizer.apply_chat_template(bench.messages(records[0]), thinking=True)
+    assert r.accuracy.reshape(-1).tolist() == [bench.score(t, p.record, p.thinking) for t, p in zip(
+        r.texts, owners, strict=True)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "no choices", "answer": "A"}) + "\n")
+    with pytest.raises(ValueError, match="choices"):
+        load_prompts(PromptConfig(path=str(bad), benchmark="mcq"), 0, tmp_path)

@@ -18,6 +18,9 @@ from nemotron_jax.train.config import RunConfig
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
     path: str = "synthetic:arith"          # JSONL with question/answer (GSM8K works as is), or synthetic:KIND
+    # Records in a benchmark's own schema (gsm8k, math, mcq, ifeval, code; nemotron_jax.eval.benchmarks):
+    # its template gives the user turn and its grader the accuracy reward, exactly as in evaluation.
+    benchmark: str = ""
     thinking_ratio: float = 0.5            # fraction of prompts asked with `detailed thinking on`
     max_pass_rate: float | None = None     # drop prompts solved at least this often (e.g. 0.75)
     pass_rate_samples: int = 4

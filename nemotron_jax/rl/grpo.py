@@ -8,7 +8,6 @@ report their time and tokens/s.
 from __future__ import annotations
 
 import math
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from nemotron_jax.rl.prompts import PromptSchedule, load_heldout_prompts, load_p
 from nemotron_jax.rl.rollout import (
     advantages_for,
     bucket,
-    default_reward,
     informative_rows,
     policy_batch,
     reshard_params,
@@ -46,8 +44,7 @@ class RolloutSampler:
         self.tokenizer, self.sampling, self.seed = tokenizer, sampling, recipe.seed
         self.rollout_layout: Layout | None = (sampling.rollout_mesh.layout() if sampling.rollout_mesh is not None
                                               else model.layout)
-        self.reward_fn = (rewards.load_reward(sampling.reward) if sampling.reward
-                          else partial(default_reward, format_weight=sampling.format_weight))
+        self.reward_fn = rewards.load_reward(sampling.reward) if sampling.reward else None
         out = Path(recipe.output_dir)
         prompts = load_prompts(prompts_cfg, recipe.seed, out)
         rates = None
@@ -66,7 +63,7 @@ class RolloutSampler:
             params = reshard_params(params, self.graphdef, self.rollout_layout)
         return rollout(self.graphdef, params, self.tokenizer, prompts, group or s.group_size, s.max_new_tokens,
                        temperature=s.temperature, top_p=s.top_p, seed=seed,
-                       reward_fn=self.reward_fn,
+                       reward_fn=self.reward_fn, format_weight=s.format_weight,
                        reward_timeout_s=s.reward_timeout_s, layout=self.rollout_layout,
                        max_thinking_tokens=s.max_thinking_tokens)
 

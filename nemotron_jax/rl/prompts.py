@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from nemotron_jax.data import synthetic
 from nemotron_jax.data.sources import eval_records, open_source
+from nemotron_jax.eval import benchmarks
 from nemotron_jax.fileio import atomic_write_text
 from nemotron_jax.rl.config import PromptConfig
 from nemotron_jax.rl.rollout import Prompt
@@ -30,17 +31,29 @@ from nemotron_jax.rl.rollout import Prompt
 def load_prompts(cfg: PromptConfig, seed: int, synthetic_dir: Path) -> list[Prompt]:
     """All usable prompts, each with its fixed reasoning mode."""
     path = synthetic.materialize(cfg.path, synthetic_dir / "rl_prompts.jsonl", 2000, seed=seed + 1)
-    source = open_source(path, check=_check_record)
+    source = open_source(path, check=_checker(cfg))
     n = len(source) if cfg.limit is None else min(cfg.limit, len(source))
     on = np.random.default_rng([seed, 7]).random(n) < cfg.thinking_ratio
-    return [Prompt(str(source[i]["question"]), str(source[i]["answer"]), bool(on[i])) for i in range(n)]
+    return [_prompt(cfg, source[i], bool(on[i])) for i in range(n)]
+
+
+def _prompt(cfg: PromptConfig, record: dict, thinking: bool) -> Prompt:
+    if not cfg.benchmark:
+        return Prompt(str(record["question"]), str(record["answer"]), thinking)
+    bench = benchmarks.get(cfg.benchmark)
+    question = "\n\n".join(m["content"] for m in bench.messages(record))
+    return Prompt(question, bench.reference(record), thinking, record=record, benchmark=cfg.benchmark)
+
+
+def _checker(cfg: PromptConfig) -> Callable[[dict], None]:
+    return benchmarks.get(cfg.benchmark).check if cfg.benchmark else _check_record
 
 
 def load_heldout_prompts(cfg: PromptConfig, seed: int) -> list[Prompt]:
     """Held-out prompts, each asked in both modes: `eval_path`, or `eval_examples` problems of the
     synthetic task's test split (never generated for training)."""
     if cfg.eval_path:
-        records = eval_records(cfg.eval_path, cfg.eval_examples or None, check=_check_record)
+        records = eval_records(cfg.eval_path, cfg.eval_examples or None, check=_checker(cfg))
     elif cfg.eval_examples:
         if synthetic.kind_of(cfg.path) is None:
             raise ValueError(f"prompts.eval_examples needs a synthetic prompts.path, got {cfg.path!r}; "
@@ -51,7 +64,7 @@ def load_heldout_prompts(cfg: PromptConfig, seed: int) -> list[Prompt]:
             raise ValueError(f"prompts.eval_examples: {err}; set prompts.eval_path instead") from None
     else:
         return []
-    return [Prompt(str(r["question"]), str(r["answer"]), thinking) for thinking in (True, False) for r in records]
+    return [_prompt(cfg, r, thinking) for thinking in (True, False) for r in records]
 
 
 def _check_record(record: dict) -> None:

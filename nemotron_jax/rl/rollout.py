@@ -21,6 +21,7 @@ from flax import nnx
 
 from nemotron_jax import rewards
 from nemotron_jax.data.batch import PolicyBatch
+from nemotron_jax.eval import benchmarks
 from nemotron_jax.model.params import param_shardings
 from nemotron_jax.rl.objectives import Aggregation, aggregation_weights, group_advantages
 from nemotron_jax.sampling import generate
@@ -30,9 +31,25 @@ from nemotron_jax.tokenizer import Tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
+    """One RL prompt: the user turn, the reference answer, its reasoning mode, and for benchmark
+    prompts the record and benchmark whose grader scores the responses."""
+
     question: str
     answer: str
     thinking: bool
+    record: dict[str, Any] | None = dataclasses.field(default=None, hash=False, compare=False)
+    benchmark: str = ""
+
+    def messages(self) -> list[dict[str, str]]:
+        if self.benchmark:
+            return benchmarks.get(self.benchmark).messages(self.record)
+        return [{"role": "user", "content": self.question}]
+
+    def accuracy(self, response: str) -> float:
+        """The same grading as evaluation: the benchmark's grader, or the numeric answer check."""
+        if self.benchmark:
+            return benchmarks.get(self.benchmark).score(response, self.record, self.thinking)
+        return rewards.accuracy(response, self.answer, self.thinking)
 
 
 @dataclasses.dataclass
@@ -50,11 +67,6 @@ class Rollout:
     scoring_seconds: float
 
 
-def default_reward(response: str, answer: str, thinking: bool, format_weight: float = 1.0, **_: Any) -> float:
-    """Accuracy + format_weight * format (SPEC §4: accuracy and format rewards)."""
-    return rewards.accuracy(response, answer, thinking) + format_weight * rewards.format(response, thinking)
-
-
 def reshard_params(params: nnx.State, graphdef: nnx.GraphDef, layout: Layout | None) -> nnx.State:
     """The same weights laid out for another mesh (e.g. a rollout mesh), moved device-to-device."""
     if layout is None:
@@ -67,10 +79,13 @@ def reshard_params(params: nnx.State, graphdef: nnx.GraphDef, layout: Layout | N
 
 def rollout(graphdef: nnx.GraphDef, params: nnx.State, tokenizer: Tokenizer, prompts: Sequence[Prompt],
             group_size: int, max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-            reward_fn: Callable[..., float] = default_reward, reward_timeout_s: float = 10.0,
-            layout: Layout | None = None, max_thinking_tokens: int | None = None) -> Rollout:
-    """Sample `group_size` responses for every prompt and score them."""
-    prompt_ids = [tokenizer.apply_chat_template([{"role": "user", "content": p.question}], thinking=p.thinking)
+            reward_fn: Callable[..., float] | None = None, format_weight: float = 1.0,
+            reward_timeout_s: float = 10.0, layout: Layout | None = None,
+            max_thinking_tokens: int | None = None) -> Rollout:
+    """Sample `group_size` responses for every prompt and score them: reward = accuracy +
+    `format_weight`·format (SPEC §4), or a user `reward_fn(response, answer, thinking, prompt)`
+    run with a timeout per sample."""
+    prompt_ids = [tokenizer.apply_chat_template(p.messages(), thinking=p.thinking)
                   for p in prompts for _ in range(group_size)]
     options: dict[str, Any] = {}
     if max_thinking_tokens is not None:
@@ -83,16 +98,20 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, tokenizer: Tokenizer, pro
     eos = set(tokenizer.eos_ids)
     texts = [tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True) for r in out.tokens]
     owners = [p for p in prompts for _ in range(group_size)]
-    samples = [{"response": t, "answer": p.answer, "thinking": p.thinking, "prompt": p.question}
-               for t, p in zip(texts, owners, strict=True)]
-    scored = rewards.score_all(reward_fn, samples, timeout_s=reward_timeout_s)
-    accuracy = [rewards.accuracy(s["response"], s["answer"], s["thinking"]) for s in samples]
-    fmt = [rewards.format(s["response"], s["thinking"]) for s in samples]
-    errors = [f"sample {i}: {e}" for i, e in enumerate(scored.errors) if e]
+    accuracy = np.asarray([p.accuracy(t) for t, p in zip(texts, owners, strict=True)], np.float64)
+    fmt = np.asarray([rewards.format(t, p.thinking) for t, p in zip(texts, owners, strict=True)], np.float64)
+    errors: list[str] = []
+    if reward_fn is None:
+        scores = (accuracy + format_weight * fmt).astype(np.float32)
+    else:
+        samples = [{"response": t, "answer": p.answer, "thinking": p.thinking, "prompt": p.question}
+                   for t, p in zip(texts, owners, strict=True)]
+        scored = rewards.score_all(reward_fn, samples, timeout_s=reward_timeout_s)
+        scores = np.asarray(scored.scores, np.float32)
+        errors = [f"sample {i}: {e}" for i, e in enumerate(scored.errors) if e]
     shape = (len(prompts), group_size)
-    return Rollout(list(prompts), prompt_ids, out.tokens, out.logprobs, texts,
-                   np.asarray(scored.scores, np.float32).reshape(shape), np.asarray(accuracy).reshape(shape),
-                   np.asarray(fmt).reshape(shape), errors, seconds, time.perf_counter() - start)
+    return Rollout(list(prompts), prompt_ids, out.tokens, out.logprobs, texts, scores.reshape(shape),
+                   accuracy.reshape(shape), fmt.reshape(shape), errors, seconds, time.perf_counter() - start)
 
 
 def bucket(n: int, multiple: int = 64) -> int:
