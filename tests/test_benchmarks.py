@@ -286,3 +286,16 @@ def test_records_name_the_missing_key():
         with pytest.raises(ValueError, match=f"no '{key}' key"):
             benchmarks.get(name).check(record)
     assert json.loads(json.dumps(benchmarks.get("gsm8k").grade("5", {"question": "q", "answer": "5"}, False).to_dict()))
+
+
+def test_math_verifier_timeout_kills_the_worker_and_the_rest_is_still_graded():
+    from nemotron_jax.eval import grade_math
+
+    assert grade_math.verify_many([("1", "1", True), ("2", "2", True)], workers=2) == [(True, "1"), (True, "2")]
+    slow = ("2", "9^{9^{9^{9}}}", True)  # SymPy grinds on this far longer than the 0.5 s allowed
+    pids = {w.proc.pid for w in grade_math._POOL.workers}
+    got = grade_math.verify_many([slow, ("\\frac12", "0.5", True), ("3", "4", True)], timeout_s=0.5, workers=2)
+    assert got == [(False, None), (True, "\\frac{1}{2}"), (False, "4")]
+    assert pids != {w.proc.pid for w in grade_math._POOL.workers}  # the hung worker was replaced
+    grade_math._POOL.workers[0].kill()  # a worker that died (e.g. out of memory) is replaced too
+    assert grade_math.verify_many([("5", "5", True)], workers=2) == [(True, "5")]

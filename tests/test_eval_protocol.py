@@ -148,3 +148,37 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, tiny_llama, capsys):
     assert exit_info.value.code == 2
     assert "invalid choice: 'aime'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_resumes_after_a_real_kill(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(12)))
+    args = ["eval", "tiny-llama", "--benchmark", "gsm8k", "--data", str(data), "--tokenizer", "tiny", "--thinking",
+            "on", "--max-new-tokens", "24", "--batch-size", "1", "--json"]
+    out = tmp_path / "killed"
+    part = outputs.part_path(out, "gsm8k", "on", 0, 1)
+    proc = subprocess.Popen([sys.executable, "-m", "nemotron_jax", *args, "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(outputs.read_jsonl(part)) < 2 and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(outputs.read_jsonl(part))
+    assert 2 <= done_before < 12, "the run was not killed midway"
+    assert main([*args, "--output", str(out)]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert main([*args, "--output", str(tmp_path / "straight")]) == 0
+    straight = json.loads(capsys.readouterr().out)
+    drop = {"tokens_per_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed["rows"]] == [
+        {k: v for k, v in r.items() if k not in drop} for r in straight["rows"]]
+    assert _key(outputs.read_jsonl(outputs.merged_path(out, "gsm8k", "on"))) == _key(
+        outputs.read_jsonl(outputs.merged_path(tmp_path / "straight", "gsm8k", "on")))

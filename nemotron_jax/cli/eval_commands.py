@@ -67,6 +67,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def evaluate(args: argparse.Namespace) -> None:
     if args.benchmark is not None:
         return evaluate_benchmark(args)
+    needs = [flag for flag, value in (("--samples", args.samples != 1), ("--system", args.system is not None),
+                                      ("--prompt-template", args.prompt_template is not None),
+                                      ("--shuffle-choices", args.shuffle_choices is not None),
+                                      ("--shard", args.shard is not None)) if value]
+    if needs:
+        verb = "needs" if len(needs) == 1 else "need"
+        raise ValueError(f"{', '.join(needs)} {verb} --benchmark (gsm8k, math, mcq, ifeval or code)")
     from nemotron_jax.data.sources import eval_records
     from nemotron_jax.eval.perplexity import evaluate_loss
     from nemotron_jax.eval.reasoning import evaluate_reasoning

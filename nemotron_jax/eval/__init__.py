@@ -1,1 +1,2 @@
-"""Evaluation: reasoning accuracy per toggle mode, loss/perplexity, and report tables."""
+"""Evaluation: benchmarks and their graders, the sampling / pass@k protocol, reasoning accuracy
+per toggle mode, loss/perplexity, and report tables."""

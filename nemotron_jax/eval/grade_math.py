@@ -47,6 +47,7 @@ class _Worker:
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "nemotron_jax.eval.grade_math"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self.ready = False  # has answered once: its imports are done
 
     def send(self, item: tuple[str, str, bool]) -> None:
         assert self.proc.stdin is not None
@@ -97,7 +98,6 @@ def verify_many(items: Sequence[tuple[str, str, bool]], timeout_s: float = 20.0,
     pending = collections.deque(enumerate(items))
     idle = _POOL.get(workers or max(1, min(4, os.cpu_count() or 1, len(items))))
     busy: dict[_Worker, tuple[int, float]] = {}
-    started = False
     while pending or busy:
         while pending and idle:
             worker, (i, item) = idle.pop(), pending.popleft()
@@ -106,7 +106,7 @@ def verify_many(items: Sequence[tuple[str, str, bool]], timeout_s: float = 20.0,
             except OSError:
                 idle.append(_POOL.replace(worker))
                 continue
-            busy[worker] = (i, time.monotonic() + timeout_s + (0 if started else _STARTUP_S))
+            busy[worker] = (i, time.monotonic() + timeout_s + (0 if worker.ready else _STARTUP_S))
         streams = {w.proc.stdout: w for w in busy}
         wait = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
         ready, _, _ = select.select(list(streams), [], [], wait)
@@ -117,10 +117,10 @@ def verify_many(items: Sequence[tuple[str, str, bool]], timeout_s: float = 20.0,
             try:
                 equal, parsed = json.loads(line)
                 out[i] = (bool(equal), parsed)
+                worker.ready = True
             except (ValueError, TypeError):  # the worker died (e.g. out of memory)
                 worker = _POOL.replace(worker)
             idle.append(worker)
-            started = True
         now = time.monotonic()
         for worker, (_, deadline) in list(busy.items()):
             if now >= deadline:
