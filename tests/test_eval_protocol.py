@@ -182,3 +182,20 @@ def test_cli_resumes_after_a_real_kill(tmp_path, capsys):
         {k: v for k, v in r.items() if k not in drop} for r in straight["rows"]]
     assert _key(outputs.read_jsonl(outputs.merged_path(out, "gsm8k", "on"))) == _key(
         outputs.read_jsonl(outputs.merged_path(tmp_path / "straight", "gsm8k", "on")))
+
+
+def test_parquet_records_in_the_benchmarks_own_schema(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nemotron_jax.data.sources import eval_records
+
+    path = tmp_path / "gpqa.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "Largest planet?", "choices": ["Mars", "Jupiter"],
+                                          "answer": 1}]), path)
+    bench = benchmarks.get("mcq")
+    (record,) = eval_records(str(path), None, 0, check=bench.check)
+    assert bench.reference(record) == "B" and bench.score("Answer: B", record, thinking=False) == 1.0
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": 1}]), path)
+    with pytest.raises(ValueError, match=r"gpqa.parquet: row 0: mcq record has no 'choices' key"):
+        eval_records(str(path), None, 0, check=bench.check)

@@ -2,24 +2,21 @@
 
 Question/answer records (GSM8K style: the answer after `####`) are rendered with the chat
 template and the `detailed thinking on|off` system prompt, generated in batches (each batch sharded
-over the model's mesh by the sampler), and scored with `nemotron_jax.rewards`.
+over the model's mesh by the sampler), and scored by the `gsm8k` benchmark grader (`eval.protocol`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from nemotron_jax import rewards
 from nemotron_jax.api import Model
+from nemotron_jax.eval import benchmarks, protocol
+from nemotron_jax.eval.protocol import MODE_SAMPLING
 from nemotron_jax.tokenizer import Tokenizer
 
-# Recommended decoding per mode (SPEC §3): on 0.6 / 0.95, off greedy.
-MODE_SAMPLING = {True: {"temperature": 0.6, "top_p": 0.95}, False: {"temperature": 0.0, "top_p": 1.0}}
+__all__ = ["MODE_SAMPLING", "ModeReport", "evaluate_reasoning"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,39 +41,15 @@ def evaluate_reasoning(model: Model, tokenizer: Tokenizer, records: Sequence[dic
                        name: str = "model", max_new_tokens: int = 256, batch_size: int = 32,
                        temperature: float | None = None, top_p: float | None = None, seed: int = 0,
                        max_thinking_tokens: int | None = None, progress: bool = True) -> ModeReport:
-    """Accuracy, format compliance, response length and decode speed over `records` in one mode."""
+    """Accuracy, format compliance, response length and decode speed over `records` in one mode:
+    the `gsm8k` grader on the bare question (the synthetic tasks' format), one sample each."""
     if not records:
         raise ValueError("no question/answer records to evaluate")
-    sampling = dict(MODE_SAMPLING[thinking])
-    if temperature is not None:
-        sampling["temperature"] = temperature
-    if top_p is not None:
-        sampling["top_p"] = top_p
-    options: dict[str, Any] = {}
-    if max_thinking_tokens is not None and thinking:
-        options = {"max_thinking_tokens": max_thinking_tokens, "think_tokens": tokenizer.think_tokens}
-    stops = [i for i in tokenizer.eos_ids if i < model.config.vocab_size] or None
-    correct = formatted = tokens = 0
-    timed_tokens, timed_seconds = 0, 0.0
-    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
-    mode = "on" if thinking else "off"
-    for b, batch in enumerate(tqdm(batches, desc=f"eval {name} thinking {mode}", unit="batch", disable=not progress)):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], thinking=thinking)
-                   for r in batch]
-        padded = prompts + [prompts[0]] * (min(batch_size, len(records)) - len(prompts))  # one compiled shape
-        start = time.perf_counter()
-        outputs = model.generate(padded, max_new_tokens, seed=seed + b, stop_tokens=stops, **sampling, **options)
-        seconds = time.perf_counter() - start
-        outputs = outputs[:len(prompts)]
-        new = sum(len(o) for o in outputs)
-        if b > 0 or len(batches) == 1:  # the first of several batches pays for compilation
-            timed_tokens, timed_seconds = timed_tokens + new, timed_seconds + seconds
-        for record, out in zip(batch, outputs, strict=True):
-            text = tokenizer.decode([t for t in out if t not in tokenizer.eos_ids], skip_special_tokens=True)
-            correct += rewards.accuracy(text, str(record["answer"]), thinking)
-            formatted += rewards.format(text, thinking)
-            tokens += len(out)
-    n = len(records)
-    return ModeReport(name, mode, n, correct / n, formatted / n, tokens / n,
-                      timed_tokens / timed_seconds if timed_seconds else 0.0,
+    bench = benchmarks.get("gsm8k", template="{question}")
+    rows, timing = protocol.run(model, tokenizer, bench, records, thinking, samples=1, max_new_tokens=max_new_tokens,
+                                max_thinking_tokens=max_thinking_tokens, batch_size=batch_size,
+                                temperature=temperature, top_p=top_p, seed=seed, progress=progress)
+    summary = protocol.summarize(bench, rows, timing)
+    return ModeReport(name, summary["mode"], summary["examples"], summary["accuracy"], summary["format_rate"],
+                      summary["mean_response_tokens"], summary["tokens_per_s"],
                       model.config.kv_cache_bytes_per_token("bfloat16"), model.config.num_params())
