@@ -199,3 +199,22 @@ def test_parquet_records_in_the_benchmarks_own_schema(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": 1}]), path)
     with pytest.raises(ValueError, match=r"gpqa.parquet: row 0: mcq record has no 'choices' key"):
         eval_records(str(path), None, 0, check=bench.check)
+
+
+def test_cli_shards_write_parts_and_the_last_one_merges(tmp_path, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    args = ["eval", "tiny-llama", "--benchmark", "gsm8k", "--data", str(data), "--tokenizer", "tiny", "--thinking",
+            "on", "--samples", "2", "--max-new-tokens", "6", "--batch-size", "4", "--json"]
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main([*args, "--output", str(tmp_path / "two"), "--shard", "1/2"]) == 0
+    assert "waits for the other shards" in capsys.readouterr().err
+    assert not outputs.merged_path(tmp_path / "two", "gsm8k", "on").exists()
+    assert main([*args, "--output", str(tmp_path / "two"), "--shard", "0/2"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert drop(two["rows"]) == drop(one["rows"])
+    assert _key(outputs.read_jsonl(outputs.merged_path(tmp_path / "two", "gsm8k", "on"))) == _key(
+        outputs.read_jsonl(outputs.merged_path(tmp_path / "one", "gsm8k", "on")))
+    assert main([*args, "--shard", "2/2"]) == 2
