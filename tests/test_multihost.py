@@ -35,16 +35,18 @@ def _records(n: int = 8, lo: int = 40, hi: int = 64) -> list[dict]:
     return out
 
 
-def _recipe(tmp_path: Path) -> Path:
+def _recipe(tmp_path: Path, kind: str = "lm") -> Path:
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
-    recipe = {"kind": "lm", "seed": 0, "steps": 3, "log_every": 1, "checkpoint_every": 3, "progress": False,
+    recipe = {"kind": kind, "seed": 0, "steps": 3, "log_every": 1, "checkpoint_every": 3, "progress": False,
               "async_checkpointing": False,
               "model": {"source": "tiny-llama"},
               "data": {"path": str(data), "tokenizer": "tiny", "seq_len": 63, "batch_size": 8, "shuffle": False,
                        "pack_window": 4},
               "optimizer": {"lr": 1e-2, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0},
               "mesh": {"data": 1, "fsdp": -1}}
+    if kind == "kd":  # the student is distilled from a frozen teacher run inside the same step
+        recipe.update(model={"source": "tiny-hetero"}, teacher={"source": "tiny-llama"})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -102,17 +104,20 @@ def test_two_process_training_matches_one_process(tmp_path):
     np.testing.assert_allclose(_losses(multi), _losses(single), rtol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["grpo", "dpo"])
-def test_two_process_rl_matches_one_process(tmp_path, kind):
-    """Every host computes the iteration's rollouts (or pairs) whole and trains on its share of the
-    rows: two processes give one process's losses and weights, and resume together."""
+@pytest.mark.parametrize("kind", ["kd", "grpo", "dpo"])
+def test_two_process_kinds_match_one_process(tmp_path, kind):
+    """kd: each host reads its share of the data (one record per row, as above) and runs the teacher
+    on it; grpo/dpo: every host
+    computes the iteration's rollouts (or pairs) whole and trains on its share of the rows. Two
+    processes give one process's losses and weights, and resume together."""
     root = Path(__file__).resolve().parents[1] / "configs" / "recipes"
-    common = ["progress=false", "log_every=1", "start.sft_steps=0", "checkpoint_every=2", "steps=2",
-              "async_checkpointing=false", "optimizer.lr=1e-3"]
+    common = ["progress=false", "log_every=1", "checkpoint_every=2", "steps=2", "async_checkpointing=false",
+              "optimizer.lr=1e-3", *([] if kind == "kd" else ["start.sft_steps=0"])]
     over = {"grpo": ["grpo.prompts_per_iteration=2", "sampling.group_size=4", "sampling.max_new_tokens=8",
                      "prompts.eval_examples=0", "grpo.skip_flat_groups=false"],
-            "dpo": ["dpo.pairs_per_iteration=4", "dpo.seq_len=64"]}[kind]
-    recipe = root / f"{kind}-tiny.yaml"
+            "dpo": ["dpo.pairs_per_iteration=4", "dpo.seq_len=64"],
+            "kd": []}[kind]
+    recipe = _recipe(tmp_path, "kd") if kind == "kd" else root / f"{kind}-tiny.yaml"
     multi, single = tmp_path / "two-processes", tmp_path / "one-process"
     _two_processes(recipe, multi, *common, *over)
     _finish(_train(recipe, single, _env(4), *common, *over))

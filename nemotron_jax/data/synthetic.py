@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -91,12 +92,14 @@ def heldout_records(kind: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
-    """Write records as JSON lines (to a temp file renamed into place, so a reader never sees half)."""
+    """Write records as JSON lines (to a temp file renamed into place, so a reader never sees half;
+    each writer has its own temp file, so the hosts of a multi-host run may all generate the same
+    deterministic data into a shared directory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    Path(f.name).replace(path)
     return path
 
 
