@@ -12,6 +12,7 @@ import sys
 
 # Modules that each add their subcommands; keep sorted.
 COMMAND_MODULES = [
+    "nemotron_jax.cli.compile_commands",
     "nemotron_jax.cli.eval_commands",
     "nemotron_jax.cli.generate_commands",
     "nemotron_jax.cli.model_commands",

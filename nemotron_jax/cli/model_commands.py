@@ -23,6 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="HF layout when writing HF (llama only for homogeneous models)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="parameter dtype (default: the checkpoint's own)")
+    p.add_argument("--mesh", default=None,
+                   help="read/write each tensor in its shards over this mesh, e.g. fsdp=-1 (each host only its own)")
+    p.add_argument("--rules", default=None, help="dp | fsdp | fsdp_tp, with --mesh")
+    p.add_argument("--tokenizer", default=None,
+                   help="when writing HF: also write this tokenizer's files (a path or 'tiny'), chat template included")
     p.set_defaults(func=convert)
 
     p = sub.add_parser("demo", help="build a tiny heterogeneous model, round-trip it through HF format")
@@ -58,18 +63,31 @@ def info(args: argparse.Namespace) -> None:
 
 
 def convert(args: argparse.Namespace) -> None:
-    from nemotron_jax.api import load
+    """Stream tensor by tensor (a few hundred MB held at a time), never the whole model."""
+    from nemotron_jax.cli.plan_commands import parse_mesh
+    from nemotron_jax.convert.hf import hf_to_saved, saved_to_hf
+    from nemotron_jax.errors import CheckpointError
 
     src = Path(args.src)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a model directory")
     to_hf = (src / SAVED_CONFIG).is_file()
     dtype = args.dtype or _checkpoint_dtype(src)
-    model = load(src, dtype=dtype)
+    layout = None if args.mesh is None else parse_mesh(args.mesh, args.rules).layout()
     if to_hf:
-        model.save_hf(args.dst, format=args.format)
+        from nemotron_jax.convert.hf_files import export_writer
+        from nemotron_jax.presets import read_saved_config
+        from nemotron_jax.tokenizer import Tokenizer
+
+        tokenizer = None if args.tokenizer is None else Tokenizer.from_file(args.tokenizer)
+        extra = export_writer(read_saved_config(src), args.format, tokenizer)
+        cfg = saved_to_hf(src, args.dst, dtype, args.format, layout, extra=extra)
     else:
-        model.save(args.dst)
+        if args.tokenizer is not None:
+            raise CheckpointError("--tokenizer is for writing HF (the source is an HF directory)")
+        cfg = hf_to_saved(src, args.dst, dtype, layout)
     print(f"wrote {args.dst} ({'HF ' + args.format if to_hf else 'nemotron-jax'}, {dtype}, "
-          f"{model.config.num_params():,} params)")
+          f"{cfg.num_params():,} params)")
 
 
 def _checkpoint_dtype(src: Path) -> str:

@@ -2,24 +2,26 @@
 
 Loading never materialises a whole checkpoint: every parameter is built with
 `jax.make_array_from_callback`, which asks for exactly the slices each local device holds, and
-those slices are read lazily from the safetensors file (`get_slice`). So a 253B checkpoint restores
-straight into its shards on a pod, and into one array per tensor on a laptop. Saving writes one
-shard file at a time into a temporary directory renamed into place only when complete.
+those slices are read from the safetensors file with `pread` (only the rows asked for). So a 253B
+checkpoint restores straight into its shards on a pod, and into one array per tensor on a laptop.
+Saving streams: each shard file's header first, then its tensors one group at a time, into a
+temporary directory renamed into place only when complete. `hf_to_saved` / `saved_to_hf` convert
+between HF and `Model.save` directories holding only a few hundred MB at once (`nemotron-jax convert`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+import math
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from nemotron_jax.config import ModelConfig
@@ -28,6 +30,7 @@ from nemotron_jax.fileio import atomic_dir
 
 Layout = Literal["same", "transpose", "heads_in", "heads_out"]
 SHARD_BYTES = 4 * 1024**3
+READ_BYTES = 256 * 1024**2  # how much a streaming conversion holds at once (plus one tensor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,11 +141,9 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return files
     single = path / "model.safetensors"
     if single.is_file():
-        try:
-            with safe_open(single, "numpy") as f:
-                return {name: single for name in f.keys()}
-        except SafetensorError as e:  # truncated or not safetensors: one clear error, not a traceback
-            raise CheckpointError(f"{single}: not a readable safetensors file ({e})") from None
+        f = _SafetensorsFile(single)  # truncated or not safetensors: one clear CheckpointError
+        f.close()
+        return dict.fromkeys((k for k in f.header if k != "__metadata__"), single)
     if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
         raise CheckpointError(f"{path}: holds only pickle (.bin/.pt) weights, which are unsafe to load; "
                               "convert them to safetensors first (e.g. transformers' save_pretrained("
@@ -153,6 +154,16 @@ def _weight_files(path: Path) -> dict[str, Path]:
 def read_hf_params(path: str | Path, cfg: ModelConfig, shardings: dict[tuple, Any], dtype: jnp.dtype,
                    ) -> dict[tuple, jax.Array]:
     """Our-path -> array for every tensor of `cfg`, each built directly into `shardings[path]`."""
+    out: dict[tuple, jax.Array] = {}
+    for group in iter_hf_params(path, cfg, shardings, dtype, group_bytes=None):
+        out.update(group)
+    return out
+
+
+def iter_hf_params(path: str | Path, cfg: ModelConfig, shardings: dict[tuple, Any], dtype: jnp.dtype,
+                   group_bytes: int | None = READ_BYTES) -> Iterator[dict[tuple, jax.Array]]:
+    """`read_hf_params` a group of about `group_bytes` at a time (None: all at once), so a
+    converter holds only one group: the checkpoint is validated whole before the first group."""
     path = Path(path)
     files = _weight_files(path)
     specs = tensor_specs(cfg)
@@ -163,41 +174,98 @@ def read_hf_params(path: str | Path, cfg: ModelConfig, shardings: dict[tuple, An
         raise CheckpointError(f"{path}: missing tensors {_few(missing)} (the config expects them)")
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensors {_few(unexpected)} (not in the config)")
-    out: dict[tuple, jax.Array] = {}
-    with _OpenFiles() as handles:
-        for spec in tqdm(specs, desc=f"loading {path.name}", unit="tensor", leave=False,
-                         disable=len(specs) < 64):
-            try:
-                tensor = handles.get(files[spec.hf_name]).get_slice(spec.hf_name)
-            except SafetensorError as e:  # e.g. an index naming the wrong shard for a tensor
-                raise CheckpointError(f"{files[spec.hf_name]}: cannot read tensor {spec.hf_name} ({e})") from None
+    handles: dict[Path, _SafetensorsFile] = {}
+    try:
+        tensors = {}
+        for spec in specs:
+            file = files[spec.hf_name]
+            tensor = (handles.get(file) or handles.setdefault(file, _SafetensorsFile(file))).get_slice(spec.hf_name)
             shape = tuple(tensor.get_shape())
             if shape != spec.hf_shape:
                 raise CheckpointError(f"{path}: tensor {spec.hf_name} has shape {shape}, "
                                       f"expected {spec.hf_shape} from the config")
+            tensors[spec.hf_name] = tensor
+        groups = [specs] if group_bytes is None else list(_group_by_size(specs, group_bytes, 4))
+        for group in tqdm(groups, desc=f"loading {path.name}", unit="group", leave=False, disable=len(groups) < 8):
+            out = {}
+            for spec in group:
+                def cb(index: tuple[slice, ...], spec: TensorSpec = spec, tensor: Any = tensors[spec.hf_name],
+                       ) -> np.ndarray:
+                    return np.asarray(spec.read(tensor, index)).astype(dtype, copy=False)
 
-            def cb(index: tuple[slice, ...], spec: TensorSpec = spec, tensor: Any = tensor) -> np.ndarray:
-                return np.asarray(spec.read(tensor, index)).astype(dtype)
+                out[spec.path] = jax.make_array_from_callback(spec.shape, shardings[spec.path], cb)
+            yield out
+    finally:
+        for handle in handles.values():
+            handle.close()
 
-            out[spec.path] = jax.make_array_from_callback(spec.shape, shardings[spec.path], cb)
-    return out
+
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
 
 
-class _OpenFiles:
-    """Keeps each shard file open once while its tensors are read."""
+class _SafetensorsFile:
+    """A safetensors file read with `pread`, not mmap: the pages of a memory-mapped checkpoint
+    count in the process's resident memory once touched, so mmap reads of a whole model peak at
+    the model's size; explicit reads of the rows a slice needs hold only those rows."""
 
-    def __enter__(self) -> _OpenFiles:
-        self._handles: dict[Path, Any] = {}
-        return self
+    def __init__(self, file: Path):
+        self.file = file
+        self._fd = os.open(file, os.O_RDONLY)
+        try:
+            n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+            if not 0 < n <= os.fstat(self._fd).st_size - 8:
+                raise ValueError(f"header length {n} does not fit the file")
+            self.header = json.loads(os.pread(self._fd, n, 8))
+            if not isinstance(self.header, dict):
+                raise ValueError("the header is not a JSON object")
+            ends = [e["data_offsets"][1] for k, e in self.header.items() if k != "__metadata__"]
+            if 8 + n + max(ends, default=0) > os.fstat(self._fd).st_size:
+                raise ValueError("truncated: the header names more data than the file holds")
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
+            os.close(self._fd)
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        self._data = 8 + n
 
-    def get(self, file: Path) -> Any:
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, "numpy").__enter__()
-        return self._handles[file]
+    def get_slice(self, name: str) -> _LazyTensor:
+        entry = self.header.get(name)
+        if not isinstance(entry, dict) or entry.get("dtype") not in _NP_DTYPES:
+            why = "no such tensor" if entry is None else f"unsupported entry {entry}"
+            raise CheckpointError(f"{self.file}: cannot read tensor {name} ({why})")
+        (start, end), shape, dtype = entry["data_offsets"], tuple(entry["shape"]), np.dtype(_NP_DTYPES[entry["dtype"]])
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{self.file}: tensor {name} holds {end - start} bytes, not {shape} {dtype}")
+        return _LazyTensor(self._fd, self._data + start, shape, dtype)
 
-    def __exit__(self, *exc: Any) -> None:
-        for handle in self._handles.values():
-            handle.__exit__(None, None, None)
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LazyTensor:
+    """One tensor of a `_SafetensorsFile`: indexing reads only the rows of the first axis asked for."""
+
+    fd: int
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def get_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        rows = index[0] if index and self.shape else slice(None)
+        lo, hi, step = rows.indices(self.shape[0]) if self.shape else (0, 1, 1)
+        row_elems = math.prod(self.shape[1:])
+        nbytes = max(hi - lo, 0) * row_elems * self.dtype.itemsize
+        buf = os.pread(self.fd, nbytes, self.offset + lo * row_elems * self.dtype.itemsize) if nbytes else b""
+        block = np.frombuffer(buf, self.dtype).reshape((max(hi - lo, 0), *self.shape[1:]))
+        if not self.shape:
+            return block.reshape(())
+        return block[(slice(None, None, step), *index[1:])]
+
+
+Fetch = Callable[[list[TensorSpec]], dict[tuple, Any]]
 
 
 def _few(names: list[str]) -> str:
@@ -207,34 +275,70 @@ def _few(names: list[str]) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def write_hf(path: str | Path, cfg: ModelConfig, params: dict[tuple, jax.Array],
-             format: Literal["decilm", "llama"] = "decilm", shard_bytes: int = SHARD_BYTES) -> None:
-    """Write config.json + safetensors (sharded with an index when large); atomic on success."""
+def write_hf(path: str | Path, cfg: ModelConfig, params: dict[tuple, jax.Array] | Fetch,
+             format: Literal["decilm", "llama"] = "decilm", shard_bytes: int = SHARD_BYTES,
+             extra: Callable[[Path], None] | None = None) -> None:
+    """Write config.json + safetensors (sharded with an index when large); atomic on success.
+    `extra(staging_dir)` adds files inside the same rename (`convert.hf_files.export_writer`).
+
+    `params` is a dict or a `Fetch` (specs -> their arrays), asked for a few tensors at a time, so
+    that writing from a checkpoint on disk holds only those tensors: each shard file's header is
+    written first (every shape is known from the config) and its tensors are streamed in after it.
+    """
     hf_config = cfg.to_hf(format)  # validates the layout before anything is written
-    specs = tensor_specs(cfg)
-    dtype = jnp.dtype(cfg.torch_dtype)
-    shards = list(_group_by_size(specs, shard_bytes))
+    fetch = params if callable(params) else (lambda specs: {s.path: params[s.path] for s in specs})
+    dtype = np.dtype(jnp.dtype(cfg.torch_dtype))
+    shards = list(_group_by_size(tensor_specs(cfg), shard_bytes, dtype.itemsize))
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if extra is not None and jax.process_index() == 0:
+            extra(tmp)
         weight_map: dict[str, str] = {}
         total = 0
         for k, group in enumerate(tqdm(shards, desc=f"writing {Path(path).name}", unit="shard", leave=False,
                                        disable=len(shards) < 2)):
             name = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {s.hf_name: s.to_hf(_host(params[s.path]).astype(dtype)) for s in group}
-            total += sum(t.nbytes for t in tensors.values())
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-            weight_map.update({n: name for n in tensors})
-        if len(shards) > 1:
+            if jax.process_index() == 0:
+                total += _write_safetensors(tmp / name, group, fetch, dtype)
+            else:  # every process takes part in the gathers of sharded arrays; only process 0 writes
+                for part in _group_by_size(group, READ_BYTES, dtype.itemsize):
+                    [_host(x) for x in fetch(part).values()]
+            weight_map.update({s.hf_name: name for s in group})
+        if len(shards) > 1 and jax.process_index() == 0:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _group_by_size(specs: list[TensorSpec], limit: int) -> Iterator[list[TensorSpec]]:
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _write_safetensors(file: Path, specs: list[TensorSpec], fetch: Fetch, dtype: np.dtype) -> int:
+    """One safetensors file: the JSON header, then each tensor's bytes as it is fetched."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for s in specs:
+        nbytes = math.prod(s.hf_shape) * dtype.itemsize
+        header[s.hf_name] = {"dtype": _ST_DTYPES[dtype.name], "shape": list(s.hf_shape),
+                             "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for part in _group_by_size(specs, READ_BYTES, dtype.itemsize):
+            arrays = fetch(part)
+            for s in part:
+                hf = s.to_hf(_host(arrays.pop(s.path)).astype(dtype, copy=False))
+                f.write(np.ascontiguousarray(hf).reshape(-1).view(np.uint8).data)
+                del hf
+    return offset
+
+
+def _group_by_size(specs: list[TensorSpec], limit: int, itemsize: int = 4) -> Iterator[list[TensorSpec]]:
     group: list[TensorSpec] = []
     size = 0
     for spec in specs:
-        nbytes = int(np.prod(spec.hf_shape)) * 4
+        nbytes = math.prod(spec.hf_shape) * itemsize
         if group and size + nbytes > limit:
             yield group
             group, size = [], 0
@@ -251,3 +355,91 @@ def _host(x: jax.Array) -> np.ndarray:
 
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
+
+
+# ---------------------------------------------------------------- streaming conversion
+
+
+def hf_to_saved(src: str | Path, dst: str | Path, dtype: str, layout: Any = None,
+                group_bytes: int = READ_BYTES) -> ModelConfig:
+    """HF directory -> a directory `nemotron_jax.load` reads (what `load(src).save(dst)` writes),
+    holding about `group_bytes` of weights at a time: each group is read into its shardings (only
+    this host's shards with a multi-host `layout`) and appended to the Orbax checkpoint."""
+    from nemotron_jax.model.params import abstract_model, param_shardings
+    from nemotron_jax.model.transformer import Policy
+    from nemotron_jax.presets import SAVED_CONFIG
+
+    cfg = ModelConfig.from_hf(src)
+    shardings = param_shardings(abstract_model(cfg, Policy(param_dtype=dtype)), layout)
+    groups = iter_hf_params(src, cfg, shardings, jnp.dtype(dtype), group_bytes)
+    with atomic_dir(dst) as tmp:
+        if jax.process_index() == 0:
+            (tmp / SAVED_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        try:
+            from orbax.checkpoint.experimental.v1 import partial
+        except ImportError:  # an Orbax without partial saves: one save of the whole tree
+            from nemotron_jax.checkpoint import save_params
+
+            save_params(tmp / "params", {p: x for g in groups for p, x in g.items()})
+            return cfg
+        staging = (tmp / "staging").absolute()
+        for group in groups:
+            partial.save(staging, _nest(group))
+            del group
+        partial.finalize(staging)
+        if jax.process_index() == 0:
+            (staging / "state").rename(tmp / "params")
+            import shutil
+
+            shutil.rmtree(staging)
+    return cfg
+
+
+def saved_to_hf(src: str | Path, dst: str | Path, dtype: str, format: Literal["decilm", "llama"] = "decilm",
+                layout: Any = None, shard_bytes: int = SHARD_BYTES, extra: Callable[[Path], None] | None = None,
+                ) -> ModelConfig:
+    """A `Model.save` directory -> HF, restoring a few tensors at a time straight into the
+    safetensors shard being written (never the whole model)."""
+    import orbax.checkpoint as ocp
+
+    from nemotron_jax.model.params import abstract_model, param_shardings
+    from nemotron_jax.model.transformer import Policy
+    from nemotron_jax.presets import read_saved_config
+
+    cfg = read_saved_config(Path(src)).replace(torch_dtype=dtype)
+    shardings = param_shardings(abstract_model(cfg, Policy(param_dtype=dtype)), layout)
+    ckpt_dir = (Path(src) / "params").absolute()
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: no Orbax parameter directory")
+    with ocp.PyTreeCheckpointer() as ckpt:
+        def fetch(specs: list[TensorSpec]) -> dict[tuple, Any]:
+            shapes = {s.path: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype), sharding=shardings[s.path])
+                      for s in specs}
+            item = _nest(shapes)
+            args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                          partial_restore=True)
+            try:
+                tree = ckpt.restore(ckpt_dir, args=args)
+            except (ValueError, KeyError, FileNotFoundError) as e:
+                raise CheckpointError(f"{ckpt_dir}: parameters do not match the saved config ({e})") from None
+            out = {}
+            for path in shapes:
+                node = tree
+                for key in path:
+                    node = node[str(key)]
+                out[path] = node
+            return out
+
+        write_hf(dst, cfg, fetch, format, shard_bytes, extra)
+    return cfg
+
+
+def _nest(flat: dict[tuple, Any]) -> dict[str, Any]:
+    """Our flat paths as the nested string-keyed tree `nemotron_jax.checkpoint` saves."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = value
+    return tree

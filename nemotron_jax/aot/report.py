@@ -1,0 +1,120 @@
+"""Compile a `Program` for a target and read what XLA says about it: memory, cost, collectives.
+
+Memory is per chip (`memory_analysis()` of the SPMD-partitioned executable), FLOPs and bytes
+accessed are per chip too (`cost_analysis()` of the partitioned module). The roofline bound on a
+step is max(FLOPs / peak, bytes / HBM bandwidth); the MFU ceiling is the model FLOPs (6·N·tokens
+for training) one chip must do, over peak times that bound. A program the compiler refuses for
+lack of memory is a result (`fits: false`, with the bytes known), not an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any
+
+import jax
+
+from nemotron_jax.aot.steps import Program, sharded_bytes
+from nemotron_jax.aot.targets import Target
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE_RE = re.compile(r"(?<![\w-])(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")  # not -done
+_OOM_RE = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds .*memory|Ran out of memory")
+
+
+@dataclasses.dataclass
+class CompileReport:
+    target: str
+    devices: int
+    task: str
+    per_device_bytes: dict[str, int]  # arguments, temporaries, outputs, aliased, total
+    device_memory_bytes: int
+    fits: bool
+    flops: float | None  # per chip, from XLA
+    bytes_accessed: float | None  # per chip, from XLA
+    compile_seconds: float
+    planner_total_bytes: int | None = None
+    model_flops: float = 0.0  # per chip
+    step_seconds_lower_bound: float | None = None
+    mfu_ceiling: float | None = None
+    collectives: dict[str, int] = dataclasses.field(default_factory=dict)
+    batch_bytes: int = 0  # per chip: the data part of the arguments
+    state_bytes: int = 0  # per chip: parameters + optimiser moments (scalar counters excluded)
+    error: str | None = None  # the compiler's reason when it refused the program
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def compile_program(program: Program, target: Target, task: str) -> CompileReport:
+    """Lower and compile `program`; a memory refusal comes back as `fits=False`."""
+    n = len(target.devices)
+    batch_bytes = sharded_bytes(program.batch_args)
+    state_bytes = sum(sharded_bytes(a) for a in jax.tree.leaves(program.state_args, is_leaf=_is_sds) if a.ndim)
+    arguments = sum(sharded_bytes(a) for a in jax.tree.leaves(program.args, is_leaf=_is_sds))
+    t0 = time.perf_counter()
+    error, compiled = None, None
+    try:
+        compiled = program.lower().compile()
+    except Exception as e:  # XLA raises JaxRuntimeError (XlaRuntimeError before 0.4.36) for OOM
+        if not _OOM_RE.search(str(e)):
+            raise
+        error = str(e).strip().splitlines()[0][:500]
+    seconds = time.perf_counter() - t0
+    mem = {"arguments": arguments, "temporaries": 0, "outputs": 0, "aliased": 0}
+    flops = accessed = None
+    collectives: dict[str, int] = {}
+    if compiled is not None:
+        m = compiled.memory_analysis()
+        mem = {"arguments": int(m.argument_size_in_bytes), "temporaries": int(m.temp_size_in_bytes),
+               "outputs": int(m.output_size_in_bytes), "aliased": int(m.alias_size_in_bytes)}
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost  # a list of one dict before JAX 0.4.30
+        flops, accessed = cost.get("flops"), cost.get("bytes accessed")
+        collectives = count_collectives(compiled.as_text())
+    mem["total"] = mem["arguments"] + mem["temporaries"] + mem["outputs"] - mem["aliased"]
+    chip = target.chip
+    fits = error is None and mem["total"] <= chip.memory_bytes
+    bound = mfu = None
+    model_flops = program.model_flops / n
+    if flops is not None and chip.peak_flops and chip.hbm_bandwidth:
+        bound = max(flops / chip.peak_flops, (accessed or 0.0) / chip.hbm_bandwidth)
+        mfu = model_flops / (bound * chip.peak_flops) if bound > 0 else None
+    return CompileReport(target.spec, n, task, mem, chip.memory_bytes, fits, flops, accessed, seconds,
+                         model_flops=model_flops, step_seconds_lower_bound=bound, mfu_ceiling=mfu,
+                         collectives=collectives, batch_bytes=batch_bytes, state_bytes=state_bytes, error=error)
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+    """How many of each collective the compiled HLO holds (static count: a scanned body counts once)."""
+    counts = dict.fromkeys(COLLECTIVES, 0)
+    for m in _COLLECTIVE_RE.finditer(hlo_text):
+        counts[m.group(1)] += 1
+    return counts
+
+
+def _is_sds(x: Any) -> bool:
+    return isinstance(x, jax.ShapeDtypeStruct)
+
+
+def format_report(r: CompileReport) -> str:
+    gib = 1024**3
+    b = r.per_device_bytes
+    lines = [f"{r.task} on {r.target} ({r.devices} devices), compiled in {r.compile_seconds:.1f} s",
+             *(f"  {k:<12} {b[k] / gib:9.3f} GiB per chip" for k in ("arguments", "temporaries", "outputs",
+                                                                      "aliased", "total")),
+             f"  chip memory  {r.device_memory_bytes / gib:9.3f} GiB: {'fits' if r.fits else 'does NOT fit'}"]
+    if r.error:
+        lines.append(f"  compiler: {r.error}")
+    if r.planner_total_bytes is not None:
+        lines.append(f"  planner      {r.planner_total_bytes / gib:9.3f} GiB per chip (nemotron-jax plan)")
+    if r.flops is not None:
+        lines.append(f"  FLOPs {r.flops:.3e} per chip, bytes accessed {r.bytes_accessed or 0:.3e} per chip")
+    if r.step_seconds_lower_bound is not None:
+        lines.append(f"  step >= {r.step_seconds_lower_bound * 1e3:.2f} ms (roofline); MFU ceiling "
+                     f"{100 * (r.mfu_ceiling or 0):.1f} %")
+    if r.collectives:
+        lines.append("  collectives: " + ", ".join(f"{k} {v}" for k, v in r.collectives.items()))
+    return "\n".join(lines)
