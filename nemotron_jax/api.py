@@ -81,10 +81,18 @@ class Model:
                 (tmp / SAVED_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             save_params(tmp / "params", flat_params(self.module))
 
-    def save_hf(self, path: str | Path, format: Literal["decilm", "llama"] = "decilm") -> None:
-        """A Hugging Face checkpoint (config.json + safetensors) in the parameter dtype."""
+    def save_hf(self, path: str | Path, format: Literal["decilm", "llama"] = "decilm",
+                tokenizer: Any = None) -> None:
+        """A Hugging Face checkpoint (config.json + safetensors) in the parameter dtype, with
+        generation_config.json, and given a `Tokenizer` (or its path, or "tiny") its files with the
+        chat template in use: one directory renamed into place whole (see convert/hf_files.py)."""
+        from nemotron_jax.convert.hf_files import export_writer
+        from nemotron_jax.tokenizer import Tokenizer
+
         cfg = self.config.replace(torch_dtype=self.policy.param_dtype)
-        write_hf(path, cfg, flat_params(self.module), format)
+        if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+            tokenizer = Tokenizer.from_file(tokenizer)
+        write_hf(path, cfg, flat_params(self.module), format, extra=export_writer(cfg, format, tokenizer))
 
     def __repr__(self) -> str:
         c = self.config

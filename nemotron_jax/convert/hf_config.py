@@ -42,8 +42,14 @@ _KNOWN_FFN_KEYS = frozenset({"ffn_mult", "no_op", "replace_with_linear", "sparsi
 # Attention options released models never use; refusing them beats silently computing something else.
 _UNSUPPORTED_ATTENTION = {"sparsify": None, "num_sink_tokens": None, "window_length": None,
                           "unshifted_sink": False, "use_prefill_window_in_sink_attention": False}
+# The published DeciLM code lives in NVIDIA's model repos, not beside our weights: an export points
+# there with transformers' "repo--module.Class" form, so `trust_remote_code=True` fetches it from the
+# Hub (vLLM reads the same config class, then runs its own native DeciLMForCausalLM).
+DECILM_CODE_REPO = "nvidia/Llama-3_3-Nemotron-Super-49B-v1"
 _AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
              "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}
+# LlamaConfig fields the published DeciLM configs spell out (their defaults), written for fidelity.
+_DECILM_DEFAULTS = {"attention_dropout": 0.0, "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True}
 
 
 def ffn_width(ffn_mult: float, hidden_size: int) -> int:
@@ -198,11 +204,12 @@ def _block_from_hf(raw: Any, i: int, heads: int, hidden: int, where: str) -> dic
 
 
 # ---------------------------------------------------------------- ours -> HF
-def compact_to_hf(cfg: Mapping[str, Any], format: str = "decilm") -> dict[str, Any]:
+def compact_to_hf(cfg: Mapping[str, Any], format: str = "decilm", code_repo: str = DECILM_CODE_REPO,
+                  ) -> dict[str, Any]:
     """The HF `config.json` dict, DeciLM layout (default) or Llama layout (homogeneous models only).
 
     `cfg` is a validated `ModelConfig`'s field dict (`dataclasses.asdict`): blocks as mappings,
-    `head_dim` resolved.
+    `head_dim` resolved. The DeciLM `auto_map` names the modeling code in `code_repo` on the Hub.
     """
     hidden, heads, blocks = cfg["hidden_size"], cfg["num_attention_heads"], list(cfg["blocks"])
     rope, eos = cfg["rope_scaling"], list(cfg["eos_token_ids"])
@@ -234,11 +241,29 @@ def compact_to_hf(cfg: Mapping[str, Any], format: str = "decilm") -> dict[str, A
                 "num_key_value_heads": kv, "intermediate_size": width}
     if format != "decilm":
         raise ConfigError(f"unknown HF format {format!r}; expected 'decilm' or 'llama'")
+    if not isinstance(code_repo, str) or code_repo.count("/") != 1 or "--" in code_repo:
+        raise ConfigError(f"code_repo must be a Hub repo id 'owner/name' (without '--'), got {code_repo!r}")
     return {
-        "architectures": ["DeciLMForCausalLM"], "model_type": "nemotron-nas", "auto_map": dict(_AUTO_MAP),
-        **common, "intermediate_size": None, "num_key_value_heads": None,
+        "architectures": ["DeciLMForCausalLM"], "model_type": "nemotron-nas",
+        "auto_map": {auto: f"{code_repo}--{ref}" for auto, ref in _AUTO_MAP.items()},
+        **common, **_DECILM_DEFAULTS, "intermediate_size": None, "num_key_value_heads": None,
         "block_configs": [_block_to_hf(b, heads, hidden) for b in blocks],
     }
+
+
+def ecosystem_warnings(hf: Mapping[str, Any]) -> list[str]:
+    """What in an HF config.json some loader cannot run, one sentence each (empty: loads everywhere).
+
+    vLLM's native `DeciLMForCausalLM` (model_executor/models/nemotron_nas.py) builds every block
+    that is not a no-op as GQA attention / SwiGLU from `n_heads_in_group` / `ffn_mult`: it has no
+    linear replacement blocks. transformers' remote DeciLM code runs them.
+    """
+    linear = [i for i, b in enumerate(hf.get("block_configs") or [])
+              if b["attention"].get("replace_with_linear") or b["ffn"].get("replace_with_linear")]
+    if not linear:
+        return []
+    return [f"blocks {linear} are linear replacements: transformers (trust_remote_code=True) loads this "
+            "checkpoint, vLLM's DeciLMForCausalLM does not (it has no linear attention/FFN blocks)"]
 
 
 def _block_to_hf(block: Mapping[str, Any], heads: int, hidden: int) -> dict[str, Any]:
