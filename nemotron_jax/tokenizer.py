@@ -350,8 +350,8 @@ def _choose_template(choice: str, file_template: Any, where: str) -> tuple[str |
     if file_template is not None and not isinstance(file_template, str):
         raise ValueError(f"{where}: tokenizer_config.json chat_template must be a string or a list of "
                          "{name, template} with a 'default' one")
-    if choice == "v1" or (choice == "auto" and not file_template):
-        return None, "system"
+    if choice == "v1" or (choice == "auto" and (not file_template or file_template == NEMOTRON_V1_TEMPLATE)):
+        return None, "system"  # our own export reads back as the built-in (which keeps the SFT target's <think>)
     if choice in ("auto", "file"):
         if not file_template:
             raise ValueError(f"{where}: chat_template='file' but tokenizer_config.json has no chat_template")

@@ -234,6 +234,7 @@ def test_v1_template_in_jinja_is_the_builtin_one(tmp_path):
     assert builtin.toggle == jinja.toggle == "system" and builtin.chat_template == NEMOTRON_V1_TEMPLATE
     builtin.save(tmp_path / "tok")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert Tokenizer.from_file(tmp_path / "tok")._template is None  # reads back as the built-in
     for messages in CONVERSATIONS:
         for thinking in (None, True, False):
             if thinking is not None and messages[0]["role"] == "system":
