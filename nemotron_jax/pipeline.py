@@ -171,9 +171,11 @@ class Pipeline:
         out = self.out / "export"
         if not out.is_dir():
             model = load(source)
-            model.save_hf(out) if self.cfg.export_format == "decilm" else model.save(out)
-        if not (out / "tokenizer.json").is_file():
-            Tokenizer.from_file(self.cfg.tokenizer).save(out)
+            if self.cfg.export_format == "decilm":  # weights, config, generation config and tokenizer at once
+                model.save_hf(out, tokenizer=self.cfg.tokenizer)
+            else:
+                model.save(out)
+                Tokenizer.from_file(self.cfg.tokenizer).save(out)
         return out
 
     def run(self) -> dict[str, Any]:

@@ -20,8 +20,9 @@ PUBLISHED = {  # preset -> (file in shared/data/configs, published parameter cou
 # bf16 KV bytes/token worked out by hand: GQA blocks x 8 KV heads x 128 x (K and V) x 2 bytes
 PRESET_KV_BF16 = {"ln-nano-8b": 32 * 8 * 128 * 4, "ln-super-49b": 49 * 8 * 128 * 4,
                   "ln-ultra-253b": 64 * 8 * 128 * 4}
+# auto_map: ours names NVIDIA's repo for the remote code ("repo--module.Class"; tests/test_hf_export.py)
 BOOKKEEPING = {"_name_or_path", "transformers_version", "use_cache", "initializer_range", "pretraining_tp",
-               "attention_dropout"}
+               "attention_dropout", "auto_map"}
 
 
 def _published(shared_data, name):
