@@ -17,15 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nemotron_jax import lora
 from nemotron_jax.checkpoint import restore_params, save_params
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.convert.hf import read_hf_params, write_hf
 from nemotron_jax.errors import CheckpointError, ConfigError
 from nemotron_jax.fileio import atomic_dir
+from nemotron_jax.lora import LoRAConfig
 from nemotron_jax.model.forward import forward
 from nemotron_jax.model.params import abstract_model, assemble, flat_params, init_sharded, param_shardings
 from nemotron_jax.model.transformer import Policy, Transformer
 from nemotron_jax.presets import SAVED_CONFIG, read_saved_config, resolve_config
+from nemotron_jax.quantize import quantize_module
 from nemotron_jax.sampling import generate
 from nemotron_jax.sharding import Layout, use_layout
 
@@ -94,6 +97,30 @@ class Model:
             tokenizer = Tokenizer.from_file(tokenizer)
         write_hf(path, cfg, flat_params(self.module), format, extra=export_writer(cfg, format, tokenizer))
 
+    # ------------------------------------------------------------ LoRA and quantization (lora.py, quantize.py)
+    def add_adapters(self, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                     targets: tuple[str, ...] | None = None, seed: int = 0) -> Model:
+        """Attach fresh LoRA adapters (B = 0: outputs unchanged) in place; returns self."""
+        cfg = LoRAConfig(rank, alpha, dropout) if targets is None else LoRAConfig(rank, alpha, dropout, tuple(targets))
+        lora.add_adapters(self.module, cfg, seed, self.layout)
+        return self
+
+    @property
+    def has_adapters(self) -> bool:
+        return lora.has_adapters(self.module)
+
+    def save_adapters(self, path: str | Path) -> None:
+        """The adapters as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)."""
+        lora.save_peft(self.module, path)
+
+    def merge_adapters(self) -> Model:
+        """A plain model computing what this one does with its adapters (W + (alpha/r)·A·B)."""
+        return Model(lora.merge(self.module), self.layout)
+
+    def quantize(self, bits: str) -> Model:
+        """A model whose projection weights are stored int8 (per channel) or int4 (groups of 128)."""
+        return Model(quantize_module(self.module, bits), self.layout)
+
     def __repr__(self) -> str:
         c = self.config
         return (f"Model({c.num_layers} blocks, hidden {c.hidden_size}, {c.num_params():,} params, "
@@ -130,9 +157,22 @@ def init(cfg: ModelConfig | str, seed: int = 0, dtype: str = "float32", *, compu
     return Model(init_sharded(cfg, policy, seed, layout), layout)
 
 
-def load(path: str | Path, dtype: str = "float32", *, compute_dtype: str | None = None,
-         layout: Layout | None = None, **options: Any) -> Model:
-    """A model from an HF directory (DeciLM or Llama layout) or a directory written by `Model.save`."""
+def load(path: str | Path, dtype: str = "float32", quantize: str | None = None, *, adapters: str | Path | None = None,
+         compute_dtype: str | None = None, layout: Layout | None = None, **options: Any) -> Model:
+    """A model from an HF directory (DeciLM or Llama layout) or a directory written by `Model.save`.
+
+    `quantize` ("int8" | "int4") stores the projections quantized (weight-only); `adapters` attaches
+    a LoRA adapter directory (ours, or a PEFT adapter saved by PyTorch users)."""
+    model = _load(path, dtype, compute_dtype=compute_dtype, layout=layout, **options)
+    if quantize is not None:
+        model = model.quantize(quantize)
+    if adapters is not None:
+        lora.load_adapters(model.module, adapters, layout)
+    return model
+
+
+def _load(path: str | Path, dtype: str = "float32", *, compute_dtype: str | None = None,
+          layout: Layout | None = None, **options: Any) -> Model:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a model directory")

@@ -18,6 +18,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from nemotron_jax.config import BlockConfig, ModelConfig
+from nemotron_jax.lora import TARGETS, LoRAConfig
+from nemotron_jax.quantize import PROJECTIONS, group_size
 from nemotron_jax.sharding import MESH_AXES, RULE_PRESETS, Layout, MeshConfig
 
 GiB = 1024**3
@@ -41,11 +43,13 @@ class MemoryPlan:
     activation_bytes: int
     kv_cache_bytes: int
     fallbacks: tuple[str, ...]
+    reference_bytes: int = 0  # RL: the frozen reference policy (0 with LoRA: the base itself serves)
+    adapter_params: int = 0   # LoRA: trained adapter parameters (what gradients and AdamW cover)
 
     @property
     def total_bytes(self) -> int:
         return (self.params_bytes + self.gradient_bytes + self.optimizer_bytes + self.activation_bytes
-                + self.kv_cache_bytes)
+                + self.kv_cache_bytes + self.reference_bytes)
 
     def fits(self, device_bytes: int, headroom: float = 0.9) -> bool:
         """Whether the total fits in `headroom` of a device (the rest: XLA workspace, fragmentation)."""
@@ -62,7 +66,9 @@ def plan_memory(cfg: ModelConfig, mesh: MeshConfig, num_devices: int, batch: int
                 mode: Literal["train", "infer"] = "train", *, remat: str = "full",
                 param_dtype: str | None = None, compute_dtype: str = "bfloat16",
                 cache_dtype: str = "bfloat16", attention_impl: str = "pallas",
-                loss_chunk_tokens: int = 2048, prefill_chunk: int = 4096) -> MemoryPlan:
+                loss_chunk_tokens: int = 2048, prefill_chunk: int = 4096, quantize: str | None = None,
+                lora_rank: int = 0, lora_targets: tuple[str, ...] = LoRAConfig.targets,
+                reference: bool = False) -> MemoryPlan:
     """Per-device memory of `mode` at global `batch` x `seq` on `num_devices` laid out by `mesh`.
 
     train: fp32 master weights (default), fp32 gradients, AdamW moments, activations under `remat`.
@@ -70,10 +76,15 @@ def plan_memory(cfg: ModelConfig, mesh: MeshConfig, num_devices: int, batch: int
     Inference activations are those of prefilling `prefill_chunk` tokens per row at a time.
     `attention_impl="xla"` counts the [T, T] score matrices the plain-XLA attention materialises;
     the default assumes the flash kernels (Pallas / splash), which keep none.
+
+    `quantize` (int8 | int4) stores the projection weights at 1 / 0.5 bytes plus float32 scales
+    (per channel / per 128-row group). `lora_rank` > 0 trains only adapters on `lora_targets`: the
+    base is frozen (bf16 by default, no master copy), gradients and AdamW moments cover the adapters
+    alone. `reference` adds an RL reference policy: a copy of the weights, none with LoRA.
     """
     if mode not in ("train", "infer"):
         raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
-    param_dtype = param_dtype or ("float32" if mode == "train" else "bfloat16")
+    param_dtype = param_dtype or ("float32" if mode == "train" and not lora_rank else "bfloat16")
     sizes = dict(zip(MESH_AXES, mesh.shape(num_devices), strict=True))
     sizes["data"] *= mesh.dcn_data
     if mesh.rules not in RULE_PRESETS:
@@ -81,14 +92,30 @@ def plan_memory(cfg: ModelConfig, mesh: MeshConfig, num_devices: int, batch: int
     layout = Layout(AbstractMesh(tuple(sizes.values()), MESH_AXES), RULE_PRESETS[mesh.rules])
 
     param_elems, fallbacks = 0, []
+    pbytes = jnp.dtype(param_dtype).itemsize
+    params = 0.0
+    wanted_adapters = {pair for t in lora_targets for pair in TARGETS[t]} if lora_rank else set()
+    adapters = 0
     for path, shape, axes in _param_shapes(cfg):
         spec = layout.spec(axes, shape)
-        param_elems += _local_elems(shape, spec, sizes)
+        local = _local_elems(shape, spec, sizes)
+        param_elems += local
+        name, parts = path.rsplit(".", 1)[-1], path.split(".")
+        projection = parts[0] == "layers" and name in PROJECTIONS
+        if projection and quantize:
+            in_dim = math.prod(shape[:PROJECTIONS[name]])
+            scales = 4 * math.ceil(in_dim / group_size(in_dim, quantize)) / in_dim  # float32 scale bytes per weight
+            params += local * ((1.0 if quantize == "int8" else 0.5) + scales)
+        else:
+            params += local * pbytes
+        if projection and (parts[2], name) in wanted_adapters:
+            n_in = 2 if name == "o" else 1
+            adapters += lora_rank * (math.prod(shape[:n_in]) + math.prod(shape[n_in:]))
         wanted = layout.spec(axes)
         if wanted != spec:
             fallbacks.append(f"{path} {shape}: wanted {wanted}, replicated where it does not divide -> {spec}")
-    pbytes = jnp.dtype(param_dtype).itemsize
-    params = param_elems * pbytes
+    params = int(params) + adapters * 4  # adapters: float32, counted whole on every device (they are small)
+    trained = adapters if lora_rank else param_elems
 
     batch_shards = sizes["data"] * sizes["fsdp"]
     local_batch = math.ceil(batch / batch_shards)
@@ -97,11 +124,12 @@ def plan_memory(cfg: ModelConfig, mesh: MeshConfig, num_devices: int, batch: int
         kv = _kv_cache_bytes(cfg, local_batch, seq, sizes["tensor"], cache_dtype)
         act = _inference_activation_bytes(cfg, local_batch, min(local_seq, prefill_chunk), sizes["tensor"],
                                           compute_dtype)
-        return MemoryPlan(num_devices, sizes, params, 0, 0, act, kv, tuple(fallbacks))
+        return MemoryPlan(num_devices, sizes, params, 0, 0, act, kv, tuple(fallbacks), adapter_params=adapters)
     act = _train_activation_bytes(cfg, local_batch, local_seq, sizes["tensor"], compute_dtype, remat,
                                   attention_impl, loss_chunk_tokens)
-    return MemoryPlan(num_devices, sizes, params, param_elems * 4, 2 * param_elems * 4, act, 0,
-                      tuple(fallbacks))
+    ref = params if reference and not lora_rank else 0
+    return MemoryPlan(num_devices, sizes, params, trained * 4, 2 * trained * 4, act, 0,
+                      tuple(fallbacks), reference_bytes=ref, adapter_params=adapters)
 
 
 def min_devices(cfg: ModelConfig, device_bytes: int, batch: int, seq: int, mode: Literal["train", "infer"],

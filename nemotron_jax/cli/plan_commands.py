@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=sorted(DEVICE_MEMORY), default=None,
                    help="chip kind: say whether it fits, and with --find-devices how many are needed")
     p.add_argument("--find-devices", action="store_true", help="search the smallest power-of-two device count")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantized projections (inference, or the frozen QLoRA base)")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="train LoRA adapters of this rank on every projection (frozen bf16 base)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=plan)
 
@@ -48,7 +52,8 @@ def parse_mesh(text: str, rules: str | None) -> MeshConfig:
 def plan(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.model)
     mesh = parse_mesh(args.mesh, args.rules)
-    kw = {"remat": args.remat, "attention_impl": args.attention_impl}
+    kw = {"remat": args.remat, "attention_impl": args.attention_impl, "quantize": args.quantize,
+          "lora_rank": args.lora}
     if args.find_devices:
         if args.device is None:
             raise ValueError("--find-devices needs --device")
@@ -70,7 +75,8 @@ def plan(args: argparse.Namespace) -> None:
 
 def format_plan(p: MemoryPlan, args: argparse.Namespace) -> str:
     rows = [("parameters", p.params_bytes), ("gradients", p.gradient_bytes), ("optimizer", p.optimizer_bytes),
-            ("activations", p.activation_bytes), ("KV cache", p.kv_cache_bytes), ("total", p.total_bytes)]
+            ("activations", p.activation_bytes), ("KV cache", p.kv_cache_bytes),
+            *([("reference", p.reference_bytes)] if p.reference_bytes else []), ("total", p.total_bytes)]
     mesh = ", ".join(f"{k}={v}" for k, v in p.mesh.items())
     lines = [f"{args.mode} {args.model}: batch {args.batch} x seq {args.seq} on {p.num_devices} devices ({mesh})",
              *(f"  {name:<12} {value / GiB:10.2f} GiB per device" for name, value in rows)]

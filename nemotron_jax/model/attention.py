@@ -18,6 +18,7 @@ from flax import nnx
 
 from nemotron_jax.kernels.reference import dot_product_attention
 from nemotron_jax.model.layers import RMSNorm, param, rope
+from nemotron_jax.model.lora import with_adapter
 from nemotron_jax.sharding import constrain
 
 
@@ -49,14 +50,15 @@ class GQAttention(nnx.Module):
         self.v = param(rngs, (hidden, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.o = param(rngs, (heads, head_dim, hidden), ("heads", "head_dim", "embed"), param_dtype,
                        fan_in=heads * head_dim)
+        self.lora: nnx.Dict | None = nnx.data(None)  # adapters by projection (nemotron_jax.lora)
 
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array | None,
                  cache: KVCache | None, attention_fn=dot_product_attention) -> tuple[jax.Array, KVCache | None]:
         dtype = x_BxTxD.dtype
         h_BxTxD = self.norm(x_BxTxD)
-        q = jnp.einsum("btd,dnh->btnh", h_BxTxD, self.q[...].astype(dtype))
-        k = jnp.einsum("btd,dkh->btkh", h_BxTxD, self.k[...].astype(dtype))
-        v = jnp.einsum("btd,dkh->btkh", h_BxTxD, self.v[...].astype(dtype))
+        q = with_adapter(jnp.einsum("btd,dnh->btnh", h_BxTxD, self.q[...].astype(dtype)), h_BxTxD, self.lora, "q")
+        k = with_adapter(jnp.einsum("btd,dkh->btkh", h_BxTxD, self.k[...].astype(dtype)), h_BxTxD, self.lora, "k")
+        v = with_adapter(jnp.einsum("btd,dkh->btkh", h_BxTxD, self.v[...].astype(dtype)), h_BxTxD, self.lora, "v")
         q = constrain(rope(q, positions_BxT, self.inv_freq), ("batch", "seq", "act_heads", None))
         k = constrain(rope(k, positions_BxT, self.inv_freq), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
@@ -67,7 +69,8 @@ class GQAttention(nnx.Module):
             slots_BxS = jnp.broadcast_to(jnp.arange(cache.k_BxSxKxH.shape[1]), cache.k_BxSxKxH.shape[:2])
             out = attention_fn(q, cache.k_BxSxKxH.astype(dtype), cache.v_BxSxKxH.astype(dtype),
                                positions_BxT, slots_BxS)
-        out_BxTxD = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dtype))
+        out_BxTxD = with_adapter(jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dtype)), out, self.lora, "o",
+                                 in_axes=2)
         return out_BxTxD, cache
 
 
@@ -77,6 +80,8 @@ class LinearAttention(nnx.Module):
     def __init__(self, hidden: int, eps: float, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         self.norm = RMSNorm(hidden, eps, param_dtype=param_dtype)
         self.kernel = param(rngs, (hidden, hidden), ("embed", "mlp"), param_dtype)
+        self.lora: nnx.Dict | None = nnx.data(None)
 
     def __call__(self, x_BxTxD: jax.Array, *unused, **unused_kw) -> tuple[jax.Array, None]:
-        return self.norm(x_BxTxD) @ self.kernel[...].astype(x_BxTxD.dtype), None
+        h_BxTxD = self.norm(x_BxTxD)
+        return with_adapter(h_BxTxD @ self.kernel[...].astype(x_BxTxD.dtype), h_BxTxD, self.lora, "kernel"), None

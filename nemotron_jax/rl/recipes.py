@@ -16,12 +16,13 @@ from flax import nnx
 
 from nemotron_jax.api import Model
 from nemotron_jax.data.pipeline import DataConfig
+from nemotron_jax.lora import base_view, has_adapters
 from nemotron_jax.rl.config import DPORecipe, GRPORecipe, RLRecipe
 from nemotron_jax.rl.dpo import pair_source, preference_strategy
 from nemotron_jax.rl.grpo import GRPOSource, grpo_strategy
 from nemotron_jax.tokenizer import Tokenizer
 from nemotron_jax.train.config import LMRecipe, RunConfig
-from nemotron_jax.train.loop import TrainResult, log, run
+from nemotron_jax.train.loop import TrainResult, ensure_adapters, log, run
 from nemotron_jax.train.recipes import build_model, check_setup, run_training
 
 
@@ -57,17 +58,26 @@ def frozen_copy(model: Model) -> Model:
     return Model(nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), params)), model.layout)
 
 
+def reference_policy(model: Model) -> Model:
+    """The frozen reference: with LoRA the base itself without the adapters (the same arrays, which
+    never change: no second copy); otherwise a copy of the starting weights."""
+    if has_adapters(model.module):
+        return Model(base_view(model.module), model.layout)
+    return frozen_copy(model)
+
+
 def run_rl(recipe: GRPORecipe | DPORecipe) -> TrainResult:
     """Run a GRPO or DPO recipe to completion, resuming from its checkpoints."""
     recipe.validate()
     tokenizer = Tokenizer.from_file(recipe.data.tokenizer)
     model = starting_policy(recipe)
     check_setup(recipe.data.tokenizer, tokenizer, model)
+    ensure_adapters(model, recipe.lora, recipe.seed)  # before the source and the reference see the model
     if isinstance(recipe, GRPORecipe):
         strategy, source = grpo_strategy(recipe), GRPOSource(recipe, model, tokenizer)
         updates = recipe.grpo.updates_per_iteration
     else:
         strategy, source = preference_strategy(recipe), pair_source(recipe, model, tokenizer)
         updates = recipe.dpo.updates_per_iteration
-    reference = frozen_copy(model) if strategy.needs_teacher else None
+    reference = reference_policy(model) if strategy.needs_teacher else None
     return run(recipe, model, strategy, source, teacher=reference, updates_per_batch=updates)

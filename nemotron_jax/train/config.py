@@ -1,7 +1,8 @@
 """Recipe types: one per kind, composed of the parts every kind shares.
 
     RunConfig   what the one loop needs: output_dir, seed, steps, logging, checkpoints, resume,
-                and the shared parts `model` (source + `Policy`), `optimizer`, `mesh`
+                and the shared parts `model` (source + `Policy` + `quantize`), `optimizer`, `mesh`,
+                `lora` (rank 0: full fine-tuning; else only adapters train, on a frozen base)
     LMRecipe    + `data`                      kinds lm (pretraining), cpt, sft
     KDRecipe    + `teacher`, `kd`             kind kd
     (rl/config.py adds GRPORecipe and DPORecipe; `nemotron_jax.recipes` loads any of them by kind.)
@@ -17,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 from nemotron_jax.data.pipeline import DataConfig
 from nemotron_jax.errors import ConfigError
+from nemotron_jax.lora import LoRAConfig
 from nemotron_jax.model.transformer import Policy
 from nemotron_jax.sharding import MeshConfig
 from nemotron_jax.train.optim import OptimizerConfig
@@ -28,9 +30,11 @@ Dtype = Literal["float32", "bfloat16"]
 class ModelSpec(Policy):
     """The model a recipe trains: `source` (a preset name, initialised from the recipe's `seed`;
     an HF directory; or a saved model directory) plus how it computes (the `Policy` fields).
-    `dtype` in YAML is `Policy.param_dtype`."""
+    `dtype` in YAML is `Policy.param_dtype`. `quantize` (int8 | int4) stores the projection weights
+    quantized (`nemotron_jax.quantize`): a frozen QLoRA base, so it needs `lora.rank` > 0."""
 
     source: str = "tiny-llama"
+    quantize: Literal["int8", "int4"] | None = None
     yaml_aliases: ClassVar[dict[str, str]] = {"dtype": "param_dtype"}  # YAML key -> field (typed_yaml)
 
     def policy(self) -> Policy:
@@ -93,8 +97,13 @@ class RunConfig:
     model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
     def validate(self) -> None:
+        self.lora.validate()
+        if self.model.quantize and not self.lora.rank:
+            raise ConfigError(f"model.quantize={self.model.quantize} freezes the base: training it needs LoRA "
+                              "(set lora.rank > 0)")
         for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps",
                      "loss_chunk_tokens", "eval_batches"):
             if getattr(self, name) < 1:
@@ -139,8 +148,17 @@ class KDRecipe(LMRecipe):
 
 def recipe_to_dict(recipe: Any) -> dict[str, Any]:
     """The recipe as plain YAML-able data, with `model.param_dtype` spelled `dtype` as in YAML."""
-    data = dataclasses.asdict(recipe)
+    data = _lists(dataclasses.asdict(recipe))
     model = data.get("model")
     if isinstance(model, dict) and "param_dtype" in model:
         data["model"] = {"source": model.pop("source"), "dtype": model.pop("param_dtype"), **model}
     return data
+
+
+def _lists(value: Any) -> Any:
+    """Tuples as lists (what YAML reads back), so a recorded config compares equal to its recipe."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value

@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 from nemotron_jax.api import Model
 from nemotron_jax.data.batch import TokenBatch
+from nemotron_jax.lora import LoRAConfig, add_adapters, has_adapters, merge, save_peft
+from nemotron_jax.model.lora import LoRAParam
 from nemotron_jax.sharding import Layout
 from nemotron_jax.train.checkpoints import RunCheckpoints
 from nemotron_jax.train.config import RunConfig, recipe_to_dict
@@ -74,7 +76,12 @@ def run(recipe: RunConfig, model: Model, strategy: Strategy, source: BatchSource
     start = checkpoints.latest_step() or 0
     record_config(out, recipe_to_dict(recipe), recipe.resume, has_run=bool(start) or (out / "model").is_dir())
     layout = model.layout
-    graphdef, params = nnx.split(model.module)
+    ensure_adapters(model, recipe.lora, recipe.seed)
+    lora = has_adapters(model.module)
+    if lora:  # only the adapters train; the base is one frozen, non-donated argument of the step
+        graphdef, params, frozen = nnx.split(model.module, LoRAParam, ...)
+    else:
+        (graphdef, params), frozen = nnx.split(model.module), None
     tx, schedule = make_optimizer(recipe.optimizer, recipe.steps * updates_per_batch)
     state = init_state(params, tx, recipe.seed, layout)
     del params
@@ -87,8 +94,10 @@ def run(recipe: RunConfig, model: Model, strategy: Strategy, source: BatchSource
     teacher_split = None if teacher is None else nnx.split(teacher.module)
     shardings = None if layout is None else state_shardings_for(state.params, tx, layout)
     train_step = make_train_step(strategy, graphdef, tx, schedule, teacher=teacher_split, layout=layout,
-                                 state_shardings=shardings, grad_accum=recipe.optimizer.grad_accum)
-    eval_step = make_eval_step(strategy, graphdef, teacher=teacher_split, layout=layout) if eval_batches else None
+                                 state_shardings=shardings, grad_accum=recipe.optimizer.grad_accum, frozen=frozen)
+    eval_step = (make_eval_step(strategy, graphdef, teacher=teacher_split, layout=layout, frozen=frozen)
+                 if eval_batches else None)
+    policy = (lambda p: p) if frozen is None else (lambda p: nnx.merge_state(p, frozen))  # the whole policy
     meter = Throughput(model, teacher, recipe.peak_tflops)
     writer = MetricsWriter(out, primary)
     bar = tqdm(total=recipe.steps, initial=start, desc=recipe.kind, dynamic_ncols=True, file=sys.stderr,
@@ -99,7 +108,7 @@ def run(recipe: RunConfig, model: Model, strategy: Strategy, source: BatchSource
     try:
         for step in range(start + 1, recipe.steps + 1):
             made = time.perf_counter()
-            batch, produced = source.next_batch(step, state.params)
+            batch, produced = source.next_batch(step, policy(state.params))
             meter.source_seconds += time.perf_counter() - made
             metrics = None
             if batch is not None:
@@ -135,13 +144,23 @@ def run(recipe: RunConfig, model: Model, strategy: Strategy, source: BatchSource
         bar.close()
         writer.close()
         checkpoints.close()
-    final = Model(nnx.merge(graphdef, state.params), layout)
+    final = Model(nnx.merge(graphdef, policy(state.params)), layout)
     model_dir = out / "model"
     if not model_dir.exists() or start < recipe.steps:
-        save_model(final, model_dir)
+        if lora:  # model/ stays a plain model for the next stage; the adapters alone in PEFT's format
+            save_peft(final.module, out / "adapter", base_model=recipe.model.source)
+        save_model(Model(merge(final.module), layout) if lora else final, model_dir)
     log(f"done: {recipe.steps} steps; model saved to {model_dir}" if start < recipe.steps else
         f"already complete: checkpoint step {start} >= steps={recipe.steps}; model in {model_dir}")
     return TrainResult(state, final, model_dir, start, last, evals)
+
+
+def ensure_adapters(model: Model, cfg: LoRAConfig, seed: int) -> None:
+    """Add the recipe's adapters (`lora.rank` > 0) to `model` in place, unless it has some already
+    (an RL recipe adds them before building its reference view and batch source)."""
+    if cfg.rank > 0 and not has_adapters(model.module):
+        added = add_adapters(model.module, cfg, seed, model.layout)
+        log(f"lora: rank {cfg.rank} adapters on {added} projections ({', '.join(cfg.targets)})")
 
 
 def to_global(batch: TokenBatch, layout: Layout | None) -> TokenBatch:
@@ -220,4 +239,4 @@ def _check_finite(step: int, metrics: Any, recipe: RunConfig, checkpoints: RunCh
             f"optimizer.clip_norm, or check the data")
 
 
-__all__ = ["TrainResult", "TrainingError", "evaluate", "run", "save_model", "to_global"]
+__all__ = ["TrainResult", "TrainingError", "ensure_adapters", "evaluate", "run", "save_model", "to_global"]

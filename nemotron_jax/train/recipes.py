@@ -14,6 +14,7 @@ from pathlib import Path
 from nemotron_jax.api import Model, init, load
 from nemotron_jax.data.pipeline import DataPipeline, resolve_path
 from nemotron_jax.errors import ConfigError
+from nemotron_jax.lora import LoRAConfig
 from nemotron_jax.sharding import Layout
 from nemotron_jax.tokenizer import Tokenizer
 from nemotron_jax.train.config import KDRecipe, LMRecipe, ModelSpec
@@ -23,13 +24,16 @@ from nemotron_jax.train.strategies import KDStrategy, LMStrategy, check_teacher
 
 
 def build_model(spec: ModelSpec, seed: int, layout: Layout | None) -> Model:
-    """A saved/HF model directory is loaded; anything else is a preset or config, freshly initialised."""
+    """A saved/HF model directory is loaded; anything else is a preset or config, freshly initialised;
+    `spec.quantize` then stores its projections as int8 / int4 (the frozen base of QLoRA). The
+    recipe's `lora` adapters are added by the loop (`loop.ensure_adapters`)."""
     p = spec.policy()
     options = dict(dtype=p.param_dtype, compute_dtype=p.compute_dtype, layout=layout, remat=p.remat,
                    scan_layers=p.scan_layers, attention_impl=p.attention_impl, ffn_impl=p.ffn_impl)
     if Path(spec.source).is_dir():
-        return load(spec.source, **options)
-    return init(spec.source, seed=seed, **options)
+        return load(spec.source, quantize=spec.quantize, **options)
+    model = init(spec.source, seed=seed, **options)
+    return model if spec.quantize is None else model.quantize(spec.quantize)
 
 
 def check_setup(tokenizer_spec: str, tokenizer: Tokenizer, model: Model, rows: int | None = None) -> None:
@@ -74,7 +78,8 @@ def teacher_stage(recipe: KDRecipe) -> LMRecipe:
     return LMRecipe(**{
         **fields, "kind": "lm", "output_dir": str(Path(recipe.output_dir) / "teacher"), "steps": t.pretrain_steps,
         "checkpoint_every": max(1, min(recipe.checkpoint_every, t.pretrain_steps)), "eval_every": 0,
-        "model": t.model(), "optimizer": dataclasses.replace(recipe.optimizer, lr=t.pretrain_lr)})
+        "model": t.model(), "optimizer": dataclasses.replace(recipe.optimizer, lr=t.pretrain_lr),
+        "lora": LoRAConfig()})  # the teacher trains in full, whatever the student's LoRA
 
 
 def build_teacher(recipe: KDRecipe, layout: Layout | None) -> Model:
