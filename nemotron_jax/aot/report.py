@@ -36,6 +36,7 @@ class CompileReport:
     bytes_accessed: float | None  # per chip, from XLA
     compile_seconds: float
     planner_total_bytes: int | None = None
+    compile_cpu_seconds: float = 0.0  # CPU time of lowering + compiling (all threads): load-independent
     model_flops: float = 0.0  # per chip
     step_seconds_lower_bound: float | None = None
     mfu_ceiling: float | None = None
@@ -54,7 +55,7 @@ def compile_program(program: Program, target: Target, task: str) -> CompileRepor
     batch_bytes = sharded_bytes(program.batch_args)
     state_bytes = sum(sharded_bytes(a) for a in jax.tree.leaves(program.state_args, is_leaf=_is_sds) if a.ndim)
     arguments = sum(sharded_bytes(a) for a in jax.tree.leaves(program.args, is_leaf=_is_sds))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     error, compiled = None, None
     try:
         compiled = program.lower().compile()
@@ -62,7 +63,7 @@ def compile_program(program: Program, target: Target, task: str) -> CompileRepor
         if not _OOM_RE.search(str(e)):
             raise
         error = str(e).strip().splitlines()[0][:500]
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     mem = {"arguments": arguments, "temporaries": 0, "outputs": 0, "aliased": 0}
     flops = accessed = None
     collectives: dict[str, int] = {}
@@ -83,7 +84,8 @@ def compile_program(program: Program, target: Target, task: str) -> CompileRepor
         bound = max(flops / chip.peak_flops, (accessed or 0.0) / chip.hbm_bandwidth)
         mfu = model_flops / (bound * chip.peak_flops) if bound > 0 else None
     return CompileReport(target.spec, n, task, mem, chip.memory_bytes, fits, flops, accessed, seconds,
-                         model_flops=model_flops, step_seconds_lower_bound=bound, mfu_ceiling=mfu,
+                         compile_cpu_seconds=cpu_seconds, model_flops=model_flops, step_seconds_lower_bound=bound,
+                         mfu_ceiling=mfu,
                          collectives=collectives, batch_bytes=batch_bytes, state_bytes=state_bytes, error=error)
 
 
@@ -102,7 +104,8 @@ def _is_sds(x: Any) -> bool:
 def format_report(r: CompileReport) -> str:
     gib = 1024**3
     b = r.per_device_bytes
-    lines = [f"{r.task} on {r.target} ({r.devices} devices), compiled in {r.compile_seconds:.1f} s",
+    lines = [f"{r.task} on {r.target} ({r.devices} devices), compiled in {r.compile_seconds:.1f} s "
+             f"({r.compile_cpu_seconds:.1f} s CPU)",
              *(f"  {k:<12} {b[k] / gib:9.3f} GiB per chip" for k in ("arguments", "temporaries", "outputs",
                                                                       "aliased", "total")),
              f"  chip memory  {r.device_memory_bytes / gib:9.3f} GiB: {'fits' if r.fits else 'does NOT fit'}"]
