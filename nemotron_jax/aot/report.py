@@ -3,7 +3,9 @@
 Memory is per chip (`memory_analysis()` of the SPMD-partitioned executable), FLOPs and bytes
 accessed are per chip too (`cost_analysis()` of the partitioned module). The roofline bound on a
 step is max(FLOPs / peak, bytes / HBM bandwidth); the MFU ceiling is the model FLOPs (6·N·tokens
-for training) one chip must do, over peak times that bound. A program the compiler refuses for
+for training) one chip must do, over peak times that bound. XLA counts a while loop's body once:
+with scanned layers `flops` and `bytes_accessed` cover one layer of each scanned run, so the
+compute bound uses the model's FLOPs (times 4/3 under remat) when they are larger. A program the compiler refuses for
 lack of memory is a result (`fits: false`, with the bytes known), not an error.
 """
 
@@ -32,8 +34,8 @@ class CompileReport:
     per_device_bytes: dict[str, int]  # arguments, temporaries, outputs, aliased, total
     device_memory_bytes: int
     fits: bool
-    flops: float | None  # per chip, from XLA
-    bytes_accessed: float | None  # per chip, from XLA
+    flops: float | None  # per chip, from XLA (a scanned loop's body counted once)
+    bytes_accessed: float | None  # per chip, from XLA (likewise)
     compile_seconds: float
     planner_total_bytes: int | None = None
     compile_cpu_seconds: float = 0.0  # CPU time of lowering + compiling (all threads): load-independent
@@ -81,7 +83,10 @@ def compile_program(program: Program, target: Target, task: str) -> CompileRepor
     bound = mfu = None
     model_flops = program.model_flops / n
     if flops is not None and chip.peak_flops and chip.hbm_bandwidth:
-        bound = max(flops / chip.peak_flops, (accessed or 0.0) / chip.hbm_bandwidth)
+        # XLA's cost analysis counts a while-loop body once, so with scanned layers its FLOPs are
+        # those of one layer per run: the compute bound takes the larger of it and the model's
+        executed = max(flops, model_flops * program.recompute)
+        bound = max(executed / chip.peak_flops, (accessed or 0.0) / chip.hbm_bandwidth)
         mfu = model_flops / (bound * chip.peak_flops) if bound > 0 else None
     return CompileReport(target.spec, n, task, mem, chip.memory_bytes, fits, flops, accessed, seconds,
                          compile_cpu_seconds=cpu_seconds, model_flops=model_flops, step_seconds_lower_bound=bound,

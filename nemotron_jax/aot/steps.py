@@ -36,6 +36,7 @@ class Program:
     batch_args: Any  # the part of `args` that is data (batch, tokens), not model or optimiser state
     state_args: Any  # the parameters (and optimiser moments): what the planner counts
     model_flops: float  # 6·N·tokens (train) or 2·N·tokens (inference), attention excluded
+    recompute: float = 1.0  # executed / model FLOPs from rematerialisation (4/3: the forward twice)
 
 
 def abstract_params(cfg: ModelConfig, policy: Policy, layout: Layout) -> tuple[nnx.GraphDef, nnx.State]:
@@ -99,7 +100,8 @@ def abstract_step(task: Task, cfg: ModelConfig, policy: Policy, layout: Layout, 
             with use_layout(layout):
                 return step.lower(state, data)
 
-        return Program(lower_train, (state, data), data, (state.params, state.opt_state), flops)
+        return Program(lower_train, (state, data), data, (state.params, state.opt_state), flops,
+                       4 / 3 if policy.remat != "none" else 1.0)
 
     from nemotron_jax.sampling.logits_processing import make_params
     from nemotron_jax.sampling.sampler import Flags, Knobs, decode, prefill
