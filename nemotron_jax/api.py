@@ -79,6 +79,9 @@ class Model:
 
     def save(self, path: str | Path) -> None:
         """Orbax parameters plus `model_config.json`, written to a temp dir and renamed into place."""
+        if lora.has_adapters(self.module):
+            raise ValueError("the model has LoRA adapters, which `save` would drop: write them with "
+                             "save_adapters(dir), or save merge_adapters()")
         with atomic_dir(path) as tmp:
             if jax.process_index() == 0:
                 (tmp / SAVED_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")

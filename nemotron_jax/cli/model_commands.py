@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rules", default=None, help="dp | fsdp | fsdp_tp, with --mesh")
     p.add_argument("--tokenizer", default=None,
                    help="when writing HF: also write this tokenizer's files (a path or 'tiny'), chat template included")
+    p.add_argument("--merge-adapters", default=None, metavar="DIR",
+                   help="merge this LoRA adapter (ours or PEFT) into the weights first (holds the whole model)")
     p.set_defaults(func=convert)
 
     p = sub.add_parser("demo", help="build a tiny heterogeneous model, round-trip it through HF format")
@@ -74,6 +76,18 @@ def convert(args: argparse.Namespace) -> None:
     to_hf = (src / SAVED_CONFIG).is_file()
     dtype = args.dtype or _checkpoint_dtype(src)
     layout = None if args.mesh is None else parse_mesh(args.mesh, args.rules).layout()
+    if getattr(args, "merge_adapters", None):
+        from nemotron_jax.api import load
+        from nemotron_jax.tokenizer import Tokenizer
+
+        merged = load(src, dtype, adapters=args.merge_adapters, layout=layout).merge_adapters()
+        if to_hf:
+            tokenizer = None if args.tokenizer is None else Tokenizer.from_file(args.tokenizer)
+            merged.save_hf(args.dst, args.format, tokenizer=tokenizer)
+        else:
+            merged.save(args.dst)
+        print(f"wrote {args.dst} (adapters {args.merge_adapters} merged, {dtype})")
+        return
     if to_hf:
         from nemotron_jax.convert.hf_files import export_writer
         from nemotron_jax.presets import read_saved_config
