@@ -22,7 +22,7 @@ GiB = 1024**3
 
 
 def model_dict(layers: int) -> dict:
-    """~1B params at 14 layers: hidden 2048, vocab 32000, every block kind of Nemotron-NAS."""
+    """~0.96B params at 19 layers: hidden 2048, vocab 32000, every block kind of Nemotron-NAS."""
     kinds = ["gqa:8 swiglu:8192", "gqa:8 swiglu:5632", "linear swiglu:8192", "none swiglu:8192",
              "gqa:4 linear", "gqa:8 none", "gqa:1 swiglu:8192"]
     return {"vocab_size": 32000, "hidden_size": 2048, "num_attention_heads": 16, "rms_norm_eps": 1e-5,
@@ -56,7 +56,7 @@ def peak_rss(cmd: list[str]) -> tuple[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/convert_memory")
-    ap.add_argument("--layers", type=int, default=14)
+    ap.add_argument("--layers", type=int, default=19)
     args = ap.parse_args()
     work = Path(args.work)
     hf, ours, back = work / "hf", work / "ours", work / "hf_back"
