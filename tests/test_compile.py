@@ -61,13 +61,17 @@ def test_sft_step_on_cpu_mesh_matches_planner(capsys):
 
 
 @needs_libtpu
-def test_sft_and_decode_compile_for_tpu_slice():
+def test_sft_step_compiles_for_tpu_slice_and_matches_planner():
     cfg = _tiny128()
     sft = compile_for(cfg, "tpu:v5e:2x2", FSDP, "sft", 8, 128)
     assert sft.devices == 4 and sft.fits and sft.flops > 0 and KEYS <= set(sft.to_dict())
     assert sft.collectives["all-gather"] > 0  # fsdp gathers the weights
     _check_planner(sft, cfg, FSDP, 8, 128, "train", scalar_bytes=512)  # TPU allocates scalars in 512 B
-    decode = compile_for(cfg, "tpu:v5e:2x2", FSDP, "decode", 8, 64)
+
+
+@needs_libtpu
+def test_engine_decode_step_compiles_for_tpu_slice():
+    decode = compile_for(_tiny128(), "tpu:v5e:2x2", FSDP, "decode", 8, 64)
     assert decode.fits and decode.per_device_bytes["arguments"] > 0
     assert decode.per_device_bytes["total"] <= decode.device_memory_bytes
 
