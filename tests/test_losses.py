@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nemotron_jax.data.batch import TokenBatch
 from nemotron_jax.train.losses import cosine_per_token, cross_entropy_per_token, kd_per_token
 from nemotron_jax.train.strategies import KDStrategy, LMStrategy
 
@@ -106,9 +107,9 @@ def test_kd_gradient_matches_float64_and_chunking(arrays):
 def _batch(tokens_BxT1, weights_BxT=None):
     b, t1 = tokens_BxT1.shape
     t = t1 - 1
-    return {"inputs": jnp.asarray(tokens_BxT1[:, :-1]), "targets": jnp.asarray(tokens_BxT1[:, 1:]),
-            "weights": jnp.ones((b, t), jnp.float32) if weights_BxT is None else jnp.asarray(weights_BxT),
-            "positions": jnp.broadcast_to(jnp.arange(t), (b, t)), "segment_ids": jnp.ones((b, t), jnp.int32)}
+    return TokenBatch(inputs=jnp.asarray(tokens_BxT1[:, :-1]), targets=jnp.asarray(tokens_BxT1[:, 1:]),
+                      weights=jnp.ones((b, t), jnp.float32) if weights_BxT is None else jnp.asarray(weights_BxT),
+                      positions=jnp.broadcast_to(jnp.arange(t), (b, t)), segment_ids=jnp.ones((b, t), jnp.int32))
 
 
 def test_lm_strategy_matches_model_logits(tiny_hetero):

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import nemotron_jax as nj
+from nemotron_jax.data.batch import TokenBatch
 from nemotron_jax.sharding import MeshConfig
 from nemotron_jax.train.optim import OptimizerConfig, make_optimizer
 from nemotron_jax.train.state import init_state, state_shardings_for
@@ -70,8 +71,8 @@ def _batch(rows=8, t=16, seed=0):
     seg = np.ones((rows, t), np.int32)
     seg[:, t // 2:] = 2  # two packed documents per row
     pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])
-    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((rows, t), np.float32),
-            "positions": np.broadcast_to(pos, (rows, t)).astype(np.int32), "segment_ids": seg}
+    return TokenBatch(inputs=toks[:, :-1], targets=toks[:, 1:], weights=np.ones((rows, t), np.float32),
+                      positions=np.broadcast_to(pos, (rows, t)).astype(np.int32), segment_ids=seg)
 
 
 def _train(model, strategy, layout, teacher=None, steps=2):
