@@ -59,7 +59,7 @@ class Engine:
 
     def __init__(self, model: Any, max_batch: int = 32, page_size: int = 16, num_pages: int | None = None, *,
                  cache_dtype: str | None = None, prefill_tokens: int = 256, prefill_rows: int = 8,
-                 decode_steps: int = 4, attention_impl: str = "xla",
+                 decode_steps: int = 4, attention_impl: str = "xla", share_prefixes: bool = True,
                  think_tokens: think_lib.ThinkTokens | tuple[Sequence[int], Sequence[int]] | None = None):
         if max_batch < 1 or page_size < 1 or decode_steps < 1 or prefill_tokens < 1 or prefill_rows < 1:
             raise ValueError("max_batch, page_size, decode_steps, prefill_tokens and prefill_rows must be >= 1")
@@ -76,7 +76,8 @@ class Engine:
                                           self.config.max_position_embeddings)
         self.num_pages = num_pages
         self.pools = init_pools(self.geometry, num_pages, page_size, self.cache_dtype, self.layout)
-        self.scheduler = Scheduler(PageAllocator(num_pages, page_size), max_batch, prefill_tokens, prefill_rows)
+        self.scheduler = Scheduler(PageAllocator(num_pages, page_size, share_prefixes), max_batch, prefill_tokens,
+                                   prefill_rows)
         self.think_tokens = None if think_tokens is None else think_lib.ThinkTokens.coerce(think_tokens)
         self._think = None
         self._pending: list[TokenEvent] = []
@@ -164,7 +165,8 @@ class Engine:
                     opts = SamplingOptions(int(m), temperature, top_p, top_k, seed, i * n + j, stops,
                                            max_thinking_tokens)
                     rid = ("generate", next(self._ids))
-                    added.append(self.add_request(prompt, opts, rid, group=("group", rid[1] - j) if n > 1 else None))
+                    group = ("group", rid[1] - j) if n > 1 and self.scheduler.pages.sharing else None
+                    added.append(self.add_request(prompt, opts, rid, group=group))
                     ids.append(rid)
         except ValueError:
             for rid in added:
@@ -258,9 +260,10 @@ class Engine:
     def _think_state(self) -> think_lib.ThinkState:
         if self._think is None:
             rows = self.max_batch + 1
-            self._think = think_lib.ThinkState(jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
-                                               jnp.full((rows,), -1, jnp.int32),
-                                               jnp.full((rows, self.think_tokens.window), -1, jnp.int32))
+            width = self.think_tokens.window
+            self._think = jax.jit(lambda: think_lib.ThinkState(  # jit-made, like the step's outputs
+                jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32), jnp.full((rows,), -1, jnp.int32),
+                jnp.full((rows, width), -1, jnp.int32)))()
         return self._think
 
     def _absorb(self, reqs: list[Request], tokens: np.ndarray, logprobs: np.ndarray) -> list[TokenEvent]:

@@ -92,10 +92,10 @@ def default_num_pages(geometry: Geometry, page_size: int, dtype: str, max_batch:
 class PageAllocator:
     """Free list, reference counts and the prefix table (host side; no device work)."""
 
-    def __init__(self, num_pages: int, page_size: int):
+    def __init__(self, num_pages: int, page_size: int, sharing: bool = True):
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is scratch), got {num_pages}")
-        self.num_pages, self.page_size = num_pages, page_size
+        self.num_pages, self.page_size, self.sharing = num_pages, page_size, sharing
         self._free = list(range(num_pages - 1, SCRATCH, -1))  # pop() hands out low ids first
         self._refs = [0] * num_pages
         self._prefix: dict[tuple[int, ...], int] = {}
@@ -134,7 +134,7 @@ class PageAllocator:
         more reference taken."""
         out: list[int] = []
         s = self.page_size
-        for j in range(limit // s):
+        for j in range(limit // s if self.sharing else 0):
             page = self._prefix.get(tuple(tokens[: (j + 1) * s]))
             if page is None:
                 break
