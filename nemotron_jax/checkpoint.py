@@ -13,7 +13,8 @@ from nemotron_jax.errors import CheckpointError
 FlatPath = tuple[str | int, ...]
 
 
-def _nest(flat: dict[FlatPath, Any]) -> dict[str, Any]:
+def nest(flat: dict[FlatPath, Any]) -> dict[str, Any]:
+    """Flat paths as the nested string-keyed tree Orbax saves."""
     tree: dict[str, Any] = {}
     for path, value in flat.items():
         node = tree
@@ -36,7 +37,7 @@ def _unnest(tree: dict[str, Any], paths: list[FlatPath]) -> dict[FlatPath, Any]:
 def save_params(path: Path, params: dict[FlatPath, jax.Array]) -> None:
     """Write params with Orbax (every process writes its own shards)."""
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path.absolute(), _nest(params))
+        ckpt.save(path.absolute(), nest(params))
         ckpt.wait_until_finished()
 
 
@@ -46,7 +47,7 @@ def restore_params(path: Path, shapes: dict[FlatPath, jax.ShapeDtypeStruct]) -> 
         raise CheckpointError(f"{path}: no Orbax parameter directory")
     with ocp.StandardCheckpointer() as ckpt:
         try:
-            tree = ckpt.restore(path.absolute(), _nest(shapes))
+            tree = ckpt.restore(path.absolute(), nest(shapes))
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise CheckpointError(f"{path}: parameters do not match the saved config ({e})") from None
     return _unnest(tree, list(shapes))

@@ -53,6 +53,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a small file via a temporary sibling and a rename: readers never see half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # per process: hosts may write the same file
     tmp.write_text(text)
     os.replace(tmp, path)

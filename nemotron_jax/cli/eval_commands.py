@@ -117,6 +117,7 @@ def evaluate_benchmark(args: argparse.Namespace) -> None:
     from nemotron_jax import distributed
     from nemotron_jax.data.sources import eval_records
     from nemotron_jax.eval import benchmarks, outputs, protocol
+    from nemotron_jax.fileio import atomic_write_text
 
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
@@ -167,6 +168,6 @@ def evaluate_benchmark(args: argparse.Namespace) -> None:
         return
     report = {"model": name, "benchmark": bench.name, "data": args.data, "rows": rows}
     if args.output:
-        outputs.write_atomic(Path(args.output) / f"{bench.name}.summary.json", json.dumps(report, indent=2) + "\n")
-        outputs.write_atomic(Path(args.output) / f"{bench.name}.summary.md", protocol.format_summary(rows) + "\n")
+        atomic_write_text(Path(args.output) / f"{bench.name}.summary.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(Path(args.output) / f"{bench.name}.summary.md", protocol.format_summary(rows) + "\n")
     print(json.dumps(report, indent=2) if args.json else protocol.format_summary(rows))

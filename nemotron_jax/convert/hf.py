@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from nemotron_jax.checkpoint import nest
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.errors import CheckpointError
 from nemotron_jax.fileio import atomic_dir
 
-Layout = Literal["same", "transpose", "heads_in", "heads_out"]
+TensorLayout = Literal["same", "transpose", "heads_in", "heads_out"]
 SHARD_BYTES = 4 * 1024**3
 READ_BYTES = 256 * 1024**2  # how much a streaming conversion holds at once (plus one tensor)
 
@@ -44,7 +45,7 @@ class TensorSpec:
     hf_name: str
     path: tuple[str | int, ...]
     hf_shape: tuple[int, ...]
-    layout: Layout
+    layout: TensorLayout
     heads: int = 0  # for heads_in / heads_out: how many heads the fused axis holds
 
     @property
@@ -93,7 +94,7 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     d, v, n, h = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads, cfg.head_dim
     specs: list[TensorSpec] = [TensorSpec("model.embed_tokens.weight", ("embed",), (v, d), "same")]
 
-    def add(name: str, path: tuple, hf_shape: tuple, layout: Layout, heads: int = 0) -> None:
+    def add(name: str, path: tuple, hf_shape: tuple, layout: TensorLayout, heads: int = 0) -> None:
         specs.append(TensorSpec(name, path, hf_shape, layout, heads))
 
     for i, block in enumerate(cfg.blocks):
@@ -384,7 +385,7 @@ def hf_to_saved(src: str | Path, dst: str | Path, dtype: str, layout: Any = None
             return cfg
         staging = (tmp / "staging").absolute()
         for group in groups:
-            partial.save(staging, _nest(group))
+            partial.save(staging, nest(group))
             del group
         partial.finalize(staging)
         if jax.process_index() == 0:
@@ -415,7 +416,7 @@ def saved_to_hf(src: str | Path, dst: str | Path, dtype: str, format: Literal["d
         def fetch(specs: list[TensorSpec]) -> dict[tuple, Any]:
             shapes = {s.path: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype), sharding=shardings[s.path])
                       for s in specs}
-            item = _nest(shapes)
+            item = nest(shapes)
             args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                           partial_restore=True)
             try:
@@ -432,14 +433,3 @@ def saved_to_hf(src: str | Path, dst: str | Path, dtype: str, format: Literal["d
 
         write_hf(dst, cfg, fetch, format, shard_bytes, extra)
     return cfg
-
-
-def _nest(flat: dict[tuple, Any]) -> dict[str, Any]:
-    """Our flat paths as the nested string-keyed tree `nemotron_jax.checkpoint` saves."""
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(str(key), {})
-        node[str(path[-1])] = value
-    return tree

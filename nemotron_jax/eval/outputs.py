@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from nemotron_jax.fileio import atomic_write_text
+
 
 def part_path(out_dir: str | Path, benchmark: str, mode: str, shard: int, num_shards: int) -> Path:
     return Path(out_dir) / f"{benchmark}.{mode}.part-{shard:05d}-of-{num_shards:05d}.jsonl"
@@ -57,15 +59,6 @@ def append_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write a whole file through a temporary beside it and a rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def done_problems(out_dir: str | Path, benchmark: str, mode: str) -> dict[int, dict[str, Any]]:
     """Every graded problem of (benchmark, mode) found in the directory's part and merged files."""
     out_dir = Path(out_dir)
@@ -85,6 +78,6 @@ def merge(out_dir: str | Path, benchmark: str, mode: str, indices: Sequence[int]
     if any(i not in found for i in indices):
         return None
     rows = [found[i] for i in indices]
-    write_atomic(merged_path(out_dir, benchmark, mode),
+    atomic_write_text(merged_path(out_dir, benchmark, mode),
                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows
