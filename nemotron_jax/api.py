@@ -95,6 +95,9 @@ class Model:
         from nemotron_jax.convert.hf_files import export_writer
         from nemotron_jax.tokenizer import Tokenizer
 
+        if lora.has_adapters(self.module):
+            raise ValueError("the model has LoRA adapters, which an HF export of the base would drop: export "
+                             "merge_adapters(), or write the adapters with save_adapters(dir) (PEFT format)")
         cfg = self.config.replace(torch_dtype=self.policy.param_dtype)
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(tokenizer)
