@@ -24,7 +24,8 @@ def nest(flat: dict[FlatPath, Any]) -> dict[str, Any]:
     return tree
 
 
-def _unnest(tree: dict[str, Any], paths: list[FlatPath]) -> dict[FlatPath, Any]:
+def unnest(tree: dict[str, Any], paths: list[FlatPath]) -> dict[FlatPath, Any]:
+    """The leaves at `paths` of a nested tree as Orbax restores it."""
     out = {}
     for path in paths:
         node = tree
@@ -50,4 +51,4 @@ def restore_params(path: Path, shapes: dict[FlatPath, jax.ShapeDtypeStruct]) -> 
             tree = ckpt.restore(path.absolute(), nest(shapes))
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise CheckpointError(f"{path}: parameters do not match the saved config ({e})") from None
-    return _unnest(tree, list(shapes))
+    return unnest(tree, list(shapes))

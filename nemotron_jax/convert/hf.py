@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from nemotron_jax.checkpoint import nest
+from nemotron_jax.checkpoint import nest, unnest
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.errors import CheckpointError
 from nemotron_jax.fileio import atomic_dir
@@ -423,13 +423,7 @@ def saved_to_hf(src: str | Path, dst: str | Path, dtype: str, format: Literal["d
                 tree = ckpt.restore(ckpt_dir, args=args)
             except (ValueError, KeyError, FileNotFoundError) as e:
                 raise CheckpointError(f"{ckpt_dir}: parameters do not match the saved config ({e})") from None
-            out = {}
-            for path in shapes:
-                node = tree
-                for key in path:
-                    node = node[str(key)]
-                out[path] = node
-            return out
+            return unnest(tree, list(shapes))
 
         write_hf(dst, cfg, fetch, format, shard_bytes, extra)
     return cfg
