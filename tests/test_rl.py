@@ -7,7 +7,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 import nemotron_jax as nj
 from nemotron_jax.rl.config import PromptConfig
@@ -26,8 +25,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def sampled(tiny_hetero, tokenizer):
-    graphdef, params = nnx.split(tiny_hetero.module)
-    return rollout(graphdef, params, tokenizer, PROMPTS, 3, 12, temperature=1.0, seed=3)
+    return rollout(tiny_hetero, tokenizer, PROMPTS, 3, 12, temperature=1.0, seed=3)
 
 
 def test_rollout_logprobs_equal_the_trainers_recomputed_ones(tiny_hetero, sampled):
@@ -58,8 +56,7 @@ def test_a_raising_or_hanging_user_reward_scores_zero(tiny_hetero, tokenizer):
         time.sleep(2.0)
         return 1.0
 
-    graphdef, params = nnx.split(tiny_hetero.module)
-    r = rollout(graphdef, params, tokenizer, PROMPTS, 2, 4, seed=0, reward_fn=flaky, reward_timeout_s=0.2)
+    r = rollout(tiny_hetero, tokenizer, PROMPTS, 2, 4, seed=0, reward_fn=flaky, reward_timeout_s=0.2)
     assert r.rewards.tolist() == [[0.0, 0.0], [0.0, 0.0]]
     assert sum("judge unavailable" in e for e in r.reward_errors) == 2
     assert sum("timed out" in e for e in r.reward_errors) == 2
@@ -122,8 +119,7 @@ def test_benchmark_prompts_are_rendered_and_graded_as_in_evaluation(tmp_path, ti
     right, wrong, unclosed = "<think>7 is prime.</think>The answer is (C).", "<think>hm</think>Answer: A", "<think>7"
     assert [prompts[0].accuracy(t) for t in (right, wrong, unclosed)] == [1.0, 0.0, 0.0]
     assert prompts[1].accuracy("<think>8</think>\\boxed{B}") == bench.score("<think>8</think>\\boxed{B}", records[1])
-    graphdef, params = nnx.split(tiny_hetero.module)
-    r = rollout(graphdef, params, tokenizer, prompts, 2, 6, seed=0)
+    r = rollout(tiny_hetero, tokenizer, prompts, 2, 6, seed=0)
     owners = [p for p in prompts for _ in range(2)]
     assert r.prompt_ids[0] == tokenizer.apply_chat_template(bench.messages(records[0]), thinking=True)
     assert r.accuracy.reshape(-1).tolist() == [bench.score(t, p.record, p.thinking) for t, p in zip(
@@ -132,3 +128,19 @@ def test_benchmark_prompts_are_rendered_and_graded_as_in_evaluation(tmp_path, ti
     bad.write_text(json.dumps({"question": "no choices", "answer": "A"}) + "\n")
     with pytest.raises(ValueError, match="choices"):
         load_prompts(PromptConfig(path=str(bad), benchmark="mcq"), 0, tmp_path)
+
+
+def test_rollout_prefills_each_groups_prompt_once(tiny_hetero, tokenizer):
+    """A group's G samples share its prompt's full pages: prefill work is about one prompt per group,
+    not G (only the partial last page is recomputed per sample)."""
+    group = 4
+    rollout(tiny_hetero, tokenizer, PROMPTS, group, 3, seed=1)  # the engine for this size, warm
+    engine = tiny_hetero._engines._engine
+    before = engine.stats["prefill_tokens"]
+    r = rollout(tiny_hetero, tokenizer, PROMPTS, group, 3, seed=1)
+    assert tiny_hetero._engines._engine is engine
+    page = engine.page_size
+    lengths = [len(ids) - 1 for ids in r.prompt_ids[::group]]  # KV positions a prompt needs
+    shared = sum(n + (group - 1) * (n % page) for n in lengths)
+    assert engine.stats["prefill_tokens"] - before <= shared < group * sum(lengths)
+    assert engine.free_pages == engine.num_pages - 1  # every page returned

@@ -1,4 +1,4 @@
-"""The sampler against independent references: full forward passes, transformers' generate, softmax.
+"""The static sampler against independent references: full forward passes, transformers' generate, softmax.
 
 Compiles are the cost here, so tests share shapes: most calls use batch bucket 4, prompt bucket 16
 and cache bucket 64 on the tiny presets.
@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 
 import nemotron_jax as nj
-from nemotron_jax.sampling import TRACES, ThinkTokens, abstract_cache_bytes, cache_bytes
+from nemotron_jax.sampling import TRACES, ThinkTokens, abstract_cache_bytes, cache_bytes, generate
 from nemotron_jax.sampling.logits_processing import make_params, sample, truncate_logits
 
 PROMPTS = [[1, 17, 99, 250], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13], [1, 300], [1, 42, 43, 44, 45, 46, 47]]
 NEW = 12
+
+
+def static(model, prompts, max_new_tokens, return_logprobs=False, **options):
+    """The static sampler (the engine's reference; `Model.generate` runs on the engine)."""
+    out = generate(*model.split(), prompts, max_new_tokens, return_logprobs=return_logprobs, layout=model.layout,
+                   **options)
+    return (out.tokens, out.logprobs) if return_logprobs else out.tokens
 
 
 def log_softmax(x):
@@ -33,7 +40,7 @@ def teacher_forced_logits(model, prompts, outs):
 
 @pytest.fixture(scope="module")
 def greedy_hetero(tiny_hetero):
-    return tiny_hetero.generate(PROMPTS, NEW, stop_tokens=[], return_logprobs=True)
+    return static(tiny_hetero, PROMPTS, NEW, stop_tokens=[], return_logprobs=True)
 
 
 def test_greedy_equals_argmax_of_full_forward(tiny_hetero, greedy_hetero):
@@ -51,20 +58,20 @@ def test_stop_tokens_end_rows_and_are_included(tiny_hetero, greedy_hetero):
     outs, _ = greedy_hetero
     stop = outs[0][4]
     first = {i: o.index(stop) for i, o in enumerate(outs) if stop in o}
-    got = tiny_hetero.generate(PROMPTS, NEW, stop_tokens=[stop])
+    got = static(tiny_hetero, PROMPTS, NEW, stop_tokens=[stop])
     for i, o in enumerate(outs):
         assert got[i] == (o[:first[i] + 1] if i in first else o)
 
 
 def test_default_stop_tokens_are_the_config_eos_ids(tiny_hetero):
     eos = list(tiny_hetero.config.eos_token_ids)
-    assert tiny_hetero.generate(PROMPTS, NEW) == tiny_hetero.generate(PROMPTS, NEW, stop_tokens=eos)
+    assert static(tiny_hetero, PROMPTS, NEW) == static(tiny_hetero, PROMPTS, NEW, stop_tokens=eos)
 
 
 def test_no_recompile_within_bucket(tiny_hetero, greedy_hetero):
     before = dict(TRACES)
-    tiny_hetero.generate([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [7]], 20, stop_tokens=[])
-    tiny_hetero.generate([[9] * 11, [1, 2], [3] * 16, [4] * 5], 5, stop_tokens=[5], temperature=0.0)
+    static(tiny_hetero, [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [7]], 20, stop_tokens=[])
+    static(tiny_hetero, [[9] * 11, [1, 2], [3] * 16, [4] * 5], 5, stop_tokens=[5], temperature=0.0)
     assert dict(TRACES) == before
 
 
@@ -73,9 +80,9 @@ def test_matches_transformers_generate(tiny_llama, tmp_path):
     transformers = pytest.importorskip("transformers")
     tiny_llama.save_hf(tmp_path, format="llama")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    free = tiny_llama.generate(PROMPTS, NEW, stop_tokens=[])
+    free = static(tiny_llama, PROMPTS, NEW, stop_tokens=[])
     eos = free[1][5]  # a token greedy decoding really produces, so stopping is exercised
-    ours = tiny_llama.generate(PROMPTS, NEW, stop_tokens=[eos])
+    ours = static(tiny_llama, PROMPTS, NEW, stop_tokens=[eos])
     for p, o in zip(PROMPTS, ours, strict=True):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, eos_token_id=eos,
@@ -86,10 +93,10 @@ def test_matches_transformers_generate(tiny_llama, tmp_path):
 
 def test_top_p_zero_is_greedy_and_seeds_are_deterministic(tiny_hetero, greedy_hetero):
     outs, _ = greedy_hetero
-    assert tiny_hetero.generate(PROMPTS, NEW, temperature=1.0, top_p=1e-9, stop_tokens=[], seed=3) == outs
-    a = tiny_hetero.generate(PROMPTS, NEW, temperature=1.0, top_p=0.9, top_k=50, stop_tokens=[], seed=7)
-    b = tiny_hetero.generate(PROMPTS, NEW, temperature=1.0, top_p=0.9, top_k=50, stop_tokens=[], seed=7)
-    c = tiny_hetero.generate(PROMPTS, NEW, temperature=1.0, top_p=0.9, top_k=50, stop_tokens=[], seed=8)
+    assert static(tiny_hetero, PROMPTS, NEW, temperature=1.0, top_p=1e-9, stop_tokens=[], seed=3) == outs
+    a = static(tiny_hetero, PROMPTS, NEW, temperature=1.0, top_p=0.9, top_k=50, stop_tokens=[], seed=7)
+    b = static(tiny_hetero, PROMPTS, NEW, temperature=1.0, top_p=0.9, top_k=50, stop_tokens=[], seed=7)
+    c = static(tiny_hetero, PROMPTS, NEW, temperature=1.0, top_p=0.9, top_k=50, stop_tokens=[], seed=8)
     assert a == b and a != c
 
 
@@ -98,7 +105,7 @@ def test_sampled_frequencies_match_softmax(tiny_hetero, temperature=0.7, top_k=0
     scipy_stats = pytest.importorskip("scipy.stats")
     prompt = [1, 17, 99, 250]
     rows = 4096
-    out = tiny_hetero.generate([prompt] * rows, 1, temperature=temperature, top_k=top_k, stop_tokens=[], seed=0,
+    out = static(tiny_hetero, [prompt] * rows, 1, temperature=temperature, top_k=top_k, stop_tokens=[], seed=0,
                                cache_len=16)
     counts = np.bincount([o[0] for o in out], minlength=tiny_hetero.config.vocab_size)
     logits = tiny_hetero.logits([prompt])[0, -1] / temperature
@@ -161,26 +168,26 @@ def test_clear_errors_before_any_work(tiny_hetero):
     limit = tiny_hetero.config.max_position_embeddings
     before = dict(TRACES)
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        tiny_hetero.generate([[1] * 10], limit - 5)
+        static(tiny_hetero, [[1] * 10], limit - 5)
     with pytest.raises(ValueError, match="cache_len"):
-        tiny_hetero.generate([[1] * 10], 60, cache_len=64)
+        static(tiny_hetero, [[1] * 10], 60, cache_len=64)
     for bad in ([], [[]], [[1, 512]], "abc"):
         with pytest.raises(ValueError):
-            tiny_hetero.generate(bad, 4)
+            static(tiny_hetero, bad, 4)
     with pytest.raises(ValueError, match="temperature"):
-        tiny_hetero.generate([[1]], 4, temperature=-1.0)
+        static(tiny_hetero, [[1]], 4, temperature=-1.0)
     with pytest.raises(ValueError, match="cache_dtype"):
-        tiny_hetero.generate([[1]], 4, cache_dtype="int8")
+        static(tiny_hetero, [[1]], 4, cache_dtype="int8")
     with pytest.raises(ValueError, match="think_tokens"):
-        tiny_hetero.generate([[1]], 4, max_thinking_tokens=3)
+        static(tiny_hetero, [[1]], 4, max_thinking_tokens=3)
     assert dict(TRACES) == before
-    assert tiny_hetero.generate([[1], [2, 3]], 0) == [[], []]
+    assert static(tiny_hetero, [[1], [2, 3]], 0) == [[], []]
 
 
 def test_bfloat16_cache_stays_close(tiny_hetero, greedy_hetero):
     outs, logprobs = greedy_hetero
     # One token: prefill alone writes the bf16 cache and attends through it (as decode does).
-    got, got_lp = tiny_hetero.generate(PROMPTS, 1, stop_tokens=[], cache_dtype="bfloat16", return_logprobs=True)
+    got, got_lp = static(tiny_hetero, PROMPTS, 1, stop_tokens=[], cache_dtype="bfloat16", return_logprobs=True)
     assert [o[0] for o in got] == [o[0] for o in outs]
     np.testing.assert_allclose([lp[0] for lp in got_lp], [lp[0] for lp in logprobs], atol=0.05)
 
@@ -195,18 +202,18 @@ def test_max_thinking_tokens_forces_the_close_marker(tiny_hetero, greedy_hetero)
     budget = 3
     spec = ThinkTokens.exact([opener], unused)
     prompts = [prompt, prompt + g[:k_open + 1], PROMPTS[0]]
-    got = tiny_hetero.generate(prompts, NEW, stop_tokens=[], max_thinking_tokens=budget, think_tokens=spec)
+    got = static(tiny_hetero, prompts, NEW, stop_tokens=[], max_thinking_tokens=budget, think_tokens=spec)
     # Row 0: thinks for `budget` tokens after the opener, then the close marker is forced.
     cut = k_open + 1 + budget
     assert got[0][:cut] == g[:cut]
     assert got[0][cut:cut + 2] == unused
-    cont = tiny_hetero.generate([prompt + got[0][:cut + 2]] * 3, NEW - cut - 2, stop_tokens=[])[0]
+    cont = static(tiny_hetero, [prompt + got[0][:cut + 2]] * 3, NEW - cut - 2, stop_tokens=[])[0]
     assert got[0][cut + 2:] == cont  # then decoding simply continues
     # Row 1: the prompt already ends inside the think block.
     assert got[1][budget:budget + 2] == unused and got[1][:budget] == g[k_open + 1:cut]
     # A close marker the model writes itself ends the block: nothing is forced.
     natural = ThinkTokens.exact([opener], g[k_open + 1:k_open + 3])
-    got = tiny_hetero.generate(PROMPTS, NEW, stop_tokens=[], max_thinking_tokens=2, think_tokens=natural)
+    got = static(tiny_hetero, PROMPTS, NEW, stop_tokens=[], max_thinking_tokens=2, think_tokens=natural)
     assert got[row] == g
 
 

@@ -16,13 +16,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from nemotron_jax.engine import step as step_lib
 from nemotron_jax.engine.pages import Geometry, PageAllocator, default_num_pages, init_pools
 from nemotron_jax.engine.scheduler import DONE, Request, Scheduler
+from nemotron_jax.model.transformer import Transformer
 from nemotron_jax.sampling import think as think_lib
 from nemotron_jax.sampling.cache import check_cache_dtype, pow2_bucket
 from nemotron_jax.sampling.logits_processing import make_params
+from nemotron_jax.sampling.sampler import on_host
+from nemotron_jax.sharding import Layout
 
 NO_BUDGET = 2 ** 30
 
@@ -60,14 +64,18 @@ class Engine:
     def __init__(self, model: Any, max_batch: int = 32, page_size: int = 16, num_pages: int | None = None, *,
                  cache_dtype: str | None = None, prefill_tokens: int = 256, prefill_rows: int = 8,
                  decode_steps: int = 4, attention_impl: str = "xla", share_prefixes: bool = True,
-                 think_tokens: think_lib.ThinkTokens | tuple[Sequence[int], Sequence[int]] | None = None):
+                 think_tokens: think_lib.ThinkTokens | tuple[Sequence[int], Sequence[int]] | None = None,
+                 layout: Layout | None = None):
+        """`model`: a `nemotron_jax.Model`, or a bare `Transformer` module with its `layout` (how a
+        trainer hands over its policy; `set_weights` then swaps in each update's parameters)."""
         if max_batch < 1 or page_size < 1 or decode_steps < 1 or prefill_tokens < 1 or prefill_rows < 1:
             raise ValueError("max_batch, page_size, decode_steps, prefill_tokens and prefill_rows must be >= 1")
-        self.model, self.layout = model, getattr(model, "layout", None)
-        self.graphdef, self.state = model.split()
-        self.config = model.config
-        self.geometry = Geometry.of(model.module)
-        self.cache_dtype = check_cache_dtype(cache_dtype or model.policy.dtype.name)
+        module = model if isinstance(model, Transformer) else model.module
+        self.layout = layout if isinstance(model, Transformer) else model.layout
+        self.graphdef, self.state = nnx.split(module)
+        self.config = module.config
+        self.geometry = Geometry.of(module)
+        self.cache_dtype = check_cache_dtype(cache_dtype or module.policy.dtype.name)
         self.page_size, self.max_batch, self.decode_steps = page_size, max_batch, decode_steps
         self.impl = attention_impl if self.layout is None else "xla"  # kernels see whole arrays
         self.max_pages_per_seq = -(-self.config.max_position_embeddings // page_size)
@@ -126,6 +134,13 @@ class Engine:
         if req is not None:
             self.scheduler.release(req)
 
+    def set_weights(self, state: nnx.State) -> None:
+        """Generate with other parameters of the same model (an RL policy after an update); the
+        compiled programs and the pools are kept. Call between steps, not while requests run."""
+        if jax.tree.structure(state) != jax.tree.structure(self.state):
+            raise ValueError("set_weights needs parameters of the same model (same tree of arrays)")
+        self.state = state
+
     def has_work(self) -> bool:
         return bool(self.scheduler.requests) or bool(self._pending)
 
@@ -150,13 +165,7 @@ class Engine:
         """New tokens for each prompt, `n` samples each (consecutive: n * len(prompts) lists, each
         ending with the stop token that ended it, if one did). With `return_logprobs`:
         (tokens, raw log-probs of those tokens)."""
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
-            raise ValueError("prompts must be a non-empty list of token-id lists")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        lengths = [max_new_tokens] * len(prompts) if np.ndim(max_new_tokens) == 0 else list(max_new_tokens)
-        if len(lengths) != len(prompts):
-            raise ValueError(f"max_new_tokens has {len(lengths)} entries for {len(prompts)} prompts")
+        lengths = self.request_lengths(prompts, max_new_tokens, n)
         stops = None if stop_tokens is None else tuple(stop_tokens)
         ids, added = [], []
         try:
@@ -184,6 +193,22 @@ class Engine:
                     logprobs[e.request_id].append(e.logprob)
         out = [tokens[rid] for rid in ids]
         return (out, [logprobs[rid] for rid in ids]) if return_logprobs else out
+
+    @staticmethod
+    def request_lengths(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], n: int = 1,
+                        ) -> list[int]:
+        """`generate`'s argument checks: max_new_tokens per prompt (ValueError on bad shapes)."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts must be a non-empty list of token-id lists")
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        lengths = [max_new_tokens] * len(prompts) if np.ndim(max_new_tokens) == 0 else list(max_new_tokens)
+        if len(lengths) != len(prompts):
+            raise ValueError(f"max_new_tokens has {len(lengths)} entries for {len(prompts)} prompts")
+        for m in lengths:
+            if not isinstance(m, (int, np.integer)) or m < 0:
+                raise ValueError(f"max_new_tokens must be non-negative integers, got {m!r}")
+        return [int(m) for m in lengths]
 
     @property
     def free_pages(self) -> int:
@@ -253,7 +278,7 @@ class Engine:
             steps=self.decode_steps, flags=flags, impl=self.impl, layout=self.layout)
         if think:
             self._think = new_think
-        tokens, logprobs = jax.device_get((tok, lp))
+        tokens, logprobs = on_host(tok), on_host(lp)
         self.stats["decode_calls"] += 1
         return self._absorb(reqs, tokens, logprobs)
 
@@ -285,3 +310,34 @@ class Engine:
                 self.scheduler.release(r)
                 r.state = DONE
         return events
+
+
+class EngineCache:
+    """The engine for one `generate`-shaped call of a model (its `Model.generate`, an RL sampler):
+    sized for the call (every row at full length, pages in a power-of-two bucket) and kept while the
+    model's structure and the call's bucket stay the same, so repeated calls reuse its pools; the
+    compiled programs are shared by every engine of the same shapes anyway."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._engine: Engine | None = None
+
+    def get(self, module: Transformer, layout: Layout | None, state: nnx.State,
+            prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], n: int = 1, *,
+            max_batch: int | None = None, page_size: int = 16, num_pages: int | None = None,
+            **engine_options: Any) -> Engine:
+        lengths = Engine.request_lengths(prompts, max_new_tokens, n)
+        if num_pages is None:
+            need = n * sum(-(-(len(p) + m) // page_size) for p, m in zip(prompts, lengths, strict=True)) + 1
+            num_pages = pow2_bucket(need, 16)
+        max_batch = max_batch or min(pow2_bucket(n * len(prompts), 1), 256)
+        if engine_options.get("think_tokens") is not None:  # hashable, for the key
+            engine_options["think_tokens"] = think_lib.ThinkTokens.coerce(engine_options["think_tokens"])
+        graphdef = nnx.graphdef(module)
+        key = (graphdef, layout, max_batch, page_size, num_pages, tuple(sorted(engine_options.items())))
+        if self._engine is None or key != self._key:
+            self._engine = None  # free the old pools before making the new ones
+            self._engine = Engine(module, max_batch, page_size, num_pages, layout=layout, **engine_options)
+            self._key = key
+        self._engine.set_weights(state)
+        return self._engine

@@ -129,6 +129,12 @@ class PageAllocator:
                     del self._prefix[key]
                 self._free.append(p)
 
+    def retain(self, pages: Sequence[int]) -> None:
+        """One more reference to each page (a holder other than a sequence)."""
+        for p in pages:
+            assert self._refs[p] > 0, f"page {p} is not in use"
+            self._refs[p] += 1
+
     def share(self, tokens: Sequence[int], limit: int) -> list[int]:
         """The pages already holding the longest run of full pages of `tokens[:limit]`, each with one
         more reference taken."""

@@ -67,6 +67,7 @@ class Scheduler:
         self.requests: dict[Hashable, Request] = {}
         self.free_slots = list(range(max_batch - 1, -1, -1))
         self._order = 0
+        self._held: dict[Hashable, list[int]] = {}  # a group's prompt pages, kept for members not yet admitted
 
     # ------------------------------------------------------------------ bookkeeping
     def next_order(self) -> int:
@@ -94,6 +95,7 @@ class Scheduler:
             self.free_slots.append(req.slot)
             req.slot = None
         del self.requests[req.id]
+        self._drop_hold(req.group)
 
     def preempt(self, req: Request) -> None:
         """Free a request's pages; it keeps its slot and tokens and is recomputed when it returns."""
@@ -132,6 +134,7 @@ class Scheduler:
                     req.slot = self.free_slots.pop()
                 shared = self.pages.share(req.known, req.target)
                 req.pages, req.computed, req.state = shared, len(shared) * self.pages.page_size, PREFILL
+                self._drop_hold(req.group)
             if req.computed >= req.target:
                 self._finish_prefill(req)
                 continue
@@ -169,6 +172,19 @@ class Scheduler:
     def _finish_prefill(self, req: Request) -> None:
         self.pages.register(req.known, req.pages, req.computed)
         req.state = RUNNING
+        if req.group is not None and req.group not in self._held and self._waiting_in(req.group):
+            # The group's other samples take these pages when admitted, even if this one ends first.
+            held = req.pages[:req.computed // self.pages.page_size]
+            self.pages.retain(held)
+            self._held[req.group] = held
+
+    def _waiting_in(self, group: Hashable) -> bool:
+        return any(r.group == group and r.state == WAITING for r in self.requests.values())
+
+    def _drop_hold(self, group: Hashable | None) -> None:
+        """Let go of a group's held prompt pages once no member waits for them."""
+        if group in self._held and not self._waiting_in(group):
+            self.pages.free(self._held.pop(group))
 
     def plan_decode(self, steps: int) -> list[tuple[Request, int]]:
         """(request, tokens this call may emit) for every running request, reserving their pages;

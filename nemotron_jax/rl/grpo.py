@@ -45,6 +45,9 @@ class RolloutSampler:
         self.rollout_layout: Layout | None = (sampling.rollout_mesh.layout() if sampling.rollout_mesh is not None
                                               else model.layout)
         self.reward_fn = rewards.load_reward(sampling.reward) if sampling.reward else None
+        # The rollout policy: the trainer's module structure on the rollout layout, its weights
+        # swapped in before every rollout; its engine (pools, compiled steps) lives across them.
+        self.policy = Model(nnx.merge(self.graphdef, nnx.state(model.module)), self.rollout_layout)
         out = Path(recipe.output_dir)
         prompts = load_prompts(prompts_cfg, recipe.seed, out)
         rates = None
@@ -61,11 +64,11 @@ class RolloutSampler:
         s = self.sampling
         if s.rollout_mesh is not None:
             params = reshard_params(params, self.graphdef, self.rollout_layout)
-        return rollout(self.graphdef, params, self.tokenizer, prompts, group or s.group_size, s.max_new_tokens,
+        nnx.update(self.policy.module, params)
+        return rollout(self.policy, self.tokenizer, prompts, group or s.group_size, s.max_new_tokens,
                        temperature=s.temperature, top_p=s.top_p, seed=seed,
                        reward_fn=self.reward_fn, format_weight=s.format_weight,
-                       reward_timeout_s=s.reward_timeout_s, layout=self.rollout_layout,
-                       max_thinking_tokens=s.max_thinking_tokens)
+                       reward_timeout_s=s.reward_timeout_s, max_thinking_tokens=s.max_thinking_tokens)
 
     def iteration(self, i: int, params: nnx.State) -> Any:
         r = self.sample(params, self.schedule.batch(i), seed=self.seed * 1_000_003 + i)

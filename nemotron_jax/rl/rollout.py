@@ -1,7 +1,8 @@
 """Rollouts: sample G responses per prompt from the current policy, score them, build a train batch.
 
-Generation runs our jitted sampler directly on the trainer's parameters (no copy through disk or
-host); with a separate rollout layout they are resharded in device memory first. Rewards run on
+Generation runs the engine (continuous batching, each group's prompt prefilled once) directly on
+the trainer's parameters (no copy through disk or host); with a separate rollout layout they are
+resharded in device memory first. Rewards run on
 host with a timeout per sample. The batch rows are prompt+response sequences whose targets are
 weighted only on response tokens, with the sampler's log-probabilities as the old policy.
 Legend: P prompts, G responses per prompt, B = P*G rows, T tokens.
@@ -20,11 +21,11 @@ import numpy as np
 from flax import nnx
 
 from nemotron_jax import rewards
+from nemotron_jax.api import Model
 from nemotron_jax.data.batch import PolicyBatch
 from nemotron_jax.eval import benchmarks
 from nemotron_jax.model.params import param_shardings
 from nemotron_jax.rl.objectives import Aggregation, aggregation_weights, group_advantages
-from nemotron_jax.sampling import generate
 from nemotron_jax.sharding import Layout
 from nemotron_jax.tokenizer import Tokenizer
 
@@ -77,26 +78,27 @@ def reshard_params(params: nnx.State, graphdef: nnx.GraphDef, layout: Layout | N
     return nnx.from_flat_state(flat)
 
 
-def rollout(graphdef: nnx.GraphDef, params: nnx.State, tokenizer: Tokenizer, prompts: Sequence[Prompt],
-            group_size: int, max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+def rollout(policy: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt], group_size: int, max_new_tokens: int,
+            *, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
             reward_fn: Callable[..., float] | None = None, format_weight: float = 1.0,
-            reward_timeout_s: float = 10.0, layout: Layout | None = None,
-            max_thinking_tokens: int | None = None) -> Rollout:
-    """Sample `group_size` responses for every prompt and score them: reward = accuracy +
+            reward_timeout_s: float = 10.0, max_thinking_tokens: int | None = None) -> Rollout:
+    """Sample `group_size` responses for every prompt with the engine (`policy.generate(n=...)`:
+    each group's prompt is prefilled once, its pages shared) and score them: reward = accuracy +
     `format_weight`·format (SPEC §4), or a user `reward_fn(response, answer, thinking, prompt)`
     run with a timeout per sample."""
-    prompt_ids = [tokenizer.apply_chat_template(p.messages(), thinking=p.thinking)
-                  for p in prompts for _ in range(group_size)]
+    unique = [tokenizer.apply_chat_template(p.messages(), thinking=p.thinking) for p in prompts]
+    prompt_ids = [ids for ids in unique for _ in range(group_size)]
     options: dict[str, Any] = {}
     if max_thinking_tokens is not None:
         options = {"max_thinking_tokens": max_thinking_tokens, "think_tokens": tokenizer.think_tokens}
     start = time.perf_counter()
-    out = generate(graphdef, params, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                   stop_tokens=list(tokenizer.eos_ids), return_logprobs=True, layout=layout, **options)
+    tokens, logprobs = policy.generate(unique, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                       stop_tokens=list(tokenizer.eos_ids), return_logprobs=True, n=group_size,
+                                       **options)
     seconds = time.perf_counter() - start
     start = time.perf_counter()
     eos = set(tokenizer.eos_ids)
-    texts = [tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True) for r in out.tokens]
+    texts = [tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True) for r in tokens]
     owners = [p for p in prompts for _ in range(group_size)]
     accuracy = np.asarray([p.accuracy(t) for t, p in zip(texts, owners, strict=True)], np.float64)
     fmt = np.asarray([rewards.format(t, p.thinking) for t, p in zip(texts, owners, strict=True)], np.float64)
@@ -110,7 +112,7 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, tokenizer: Tokenizer, pro
         scores = np.asarray(scored.scores, np.float32)
         errors = [f"sample {i}: {e}" for i, e in enumerate(scored.errors) if e]
     shape = (len(prompts), group_size)
-    return Rollout(list(prompts), prompt_ids, out.tokens, out.logprobs, texts, scores.reshape(shape),
+    return Rollout(list(prompts), prompt_ids, tokens, logprobs, texts, scores.reshape(shape),
                    accuracy.reshape(shape), fmt.reshape(shape), errors, seconds, time.perf_counter() - start)
 
 

@@ -261,17 +261,17 @@ def _run(graphdef: nnx.GraphDef, state: nnx.State, req: _Request, knobs: Knobs, 
 
 def collect(st: DecodeState, num_rows: int, with_logprobs: bool) -> GenerationResult:
     """The new tokens (and their raw log-probs) of the first `num_rows` rows, as Python lists."""
-    num_new = _on_host(st.num_new_B)[:num_rows]
-    tokens = _on_host(st.tokens_BxS)[:num_rows]
+    num_new = on_host(st.num_new_B)[:num_rows]
+    tokens = on_host(st.tokens_BxS)[:num_rows]
     out = [tokens[i, :n].tolist() for i, n in enumerate(num_new)]
     logprobs = None
     if with_logprobs:
-        lp = _on_host(st.logprobs_BxS)[:num_rows]
+        lp = on_host(st.logprobs_BxS)[:num_rows]
         logprobs = [lp[i, :n].tolist() for i, n in enumerate(num_new)]
     return GenerationResult(out, logprobs)
 
 
-def _on_host(x: jax.Array) -> np.ndarray:
+def on_host(x: jax.Array) -> np.ndarray:
     """The whole array on this host; in a multi-host run, rows held by other hosts are gathered."""
     if x.is_fully_addressable:
         return np.asarray(x)
