@@ -21,7 +21,7 @@ from nemotron_jax import lora
 from nemotron_jax.checkpoint import restore_params, save_params
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.convert.hf import read_hf_params, write_hf
-from nemotron_jax.engine.engine import EngineCache
+from nemotron_jax.engine.engine import Engine, EngineCache
 from nemotron_jax.errors import CheckpointError, ConfigError
 from nemotron_jax.fileio import atomic_dir
 from nemotron_jax.lora import LoRAConfig
@@ -85,12 +85,20 @@ class Model:
                              f"{sorted(_GENERATE_OPTIONS)}")
         n = options.pop("n", 1)
         budget = options.pop("max_thinking_tokens", None)
-        options.setdefault("decode_steps", 8)
-        engine = self._engines.get(self.module, self.layout, nnx.state(self.module), prompts, max_new_tokens, n,
-                                   **options)
+        engine = self.engine(prompts, max_new_tokens, n, **options)
         return engine.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                seed=seed, stop_tokens=stop_tokens, n=n, return_logprobs=return_logprobs,
                                max_thinking_tokens=budget)
+
+    def engine(self, prompts: list[list[int]], max_new_tokens: int | list[int], n: int = 1,
+               **engine_options: Any) -> Engine:
+        """The generation engine `generate` uses for such a call, with this model's current weights:
+        sized for it (every request at full length) and kept while calls stay in its size bucket.
+        `engine_options`: `Engine`'s max_batch, page_size, num_pages, decode_steps (8), cache_dtype,
+        think_tokens, ..."""
+        engine_options.setdefault("decode_steps", 8)
+        return self._engines.get(self.module, self.layout, nnx.state(self.module), prompts, max_new_tokens, n,
+                                 **engine_options)
 
     def save(self, path: str | Path) -> None:
         """Orbax parameters plus `model_config.json`, written to a temp dir and renamed into place."""

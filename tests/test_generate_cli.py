@@ -28,7 +28,25 @@ def test_generate_streams_the_greedy_response(capsys, tiny_llama):
     ids = tok.apply_chat_template([{"role": "user", "content": LONG}], thinking=False)
     assert 32 < len(ids) <= 52
     stop = sorted(set(tok.eos_ids) | set(tiny_llama.config.eos_token_ids))
-    new = tiny_llama.generate([ids], 12, stop_tokens=stop)[0]
+    new = static(tiny_llama, ids, 12, stop)
+    assert out == tok.decode([t for t in new if t not in stop], skip_special_tokens=True) + "\n"
+
+
+def static(model, ids, new, stop):
+    """The static sampler's greedy tokens: an independent check of the engine the CLI runs on."""
+    from nemotron_jax.sampling import generate
+
+    return generate(*model.split(), [ids], new, stop_tokens=stop).tokens[0]
+
+
+def test_generate_quantized_weights(capsys, tiny_llama):
+    tok = nj.Tokenizer.tiny()
+    code, out, err = run(capsys, "generate", "tiny-llama", "--prompt", LONG, "--thinking", "off",
+                         "--max-new-tokens", "8", "--chunk", "5", "--quantize", "int8")
+    assert code == 0, err
+    ids = tok.apply_chat_template([{"role": "user", "content": LONG}], thinking=False)
+    stop = sorted(set(tok.eos_ids) | set(tiny_llama.config.eos_token_ids))
+    new = static(tiny_llama.quantize("int8"), ids, 8, stop)
     assert out == tok.decode([t for t in new if t not in stop], skip_special_tokens=True) + "\n"
 
 
@@ -53,6 +71,7 @@ def test_chat_multi_turn_with_think_toggle(capsys, monkeypatch, tiny_llama):
     (["generate", "tiny-llama", "--prompt", "x", "--max-new-tokens", "4000"], "max_position_embeddings"),
     (["generate", "tiny-llama", "--prompt", "x", "--top-p", "2"], "top_p"),
     (["chat", "tiny-llama", "--tokenizer", "/nonexistent/tok"], "no tokenizer.json"),
+    (["generate", "tiny-llama", "--prompt", "x", "--adapters", "/nonexistent/adapter"], "not a directory"),
 ])
 def test_errors_are_one_line_and_exit_nonzero(capsys, monkeypatch, argv, message):
     def no_weights(*args):

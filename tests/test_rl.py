@@ -135,10 +135,11 @@ def test_rollout_prefills_each_groups_prompt_once(tiny_hetero, tokenizer):
     not G (only the partial last page is recomputed per sample)."""
     group = 4
     rollout(tiny_hetero, tokenizer, PROMPTS, group, 3, seed=1)  # the engine for this size, warm
-    engine = tiny_hetero._engines._engine
+    ids = [tokenizer.apply_chat_template(p.messages(), thinking=p.thinking) for p in PROMPTS]
+    engine = tiny_hetero.engine(ids, 3, group)  # the one the rollout used (same size bucket)
     before = engine.stats["prefill_tokens"]
     r = rollout(tiny_hetero, tokenizer, PROMPTS, group, 3, seed=1)
-    assert tiny_hetero._engines._engine is engine
+    assert tiny_hetero.engine(ids, 3, group) is engine
     page = engine.page_size
     lengths = [len(ids) - 1 for ids in r.prompt_ids[::group]]  # KV positions a prompt needs
     shared = sum(n + (group - 1) * (n % page) for n in lengths)

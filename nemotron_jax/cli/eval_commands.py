@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nemotron_jax.cli.generate_commands import add_weight_args, load_model
+
 BENCHMARKS = ("gsm8k", "math", "mcq", "ifeval", "code")
 
 
@@ -40,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: this host's process index / count when the mesh is host-local)")
     p.add_argument("--mesh", default=None, help="e.g. data=8 or fsdp=4,tensor=2 (default: one device)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_weight_args(p)
     p.add_argument("--output", default=None, help="with --benchmark: a directory for the responses "
                    "(JSONL, resumable) and summary; without: a JSON file for the report")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -47,17 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from nemotron_jax.api import init, load
     from nemotron_jax.cli.plan_commands import parse_mesh
     from nemotron_jax.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_file(args.tokenizer)
     layout = parse_mesh(args.mesh, None).layout() if args.mesh else None
-    if Path(args.model).exists():
-        model = load(args.model, dtype=args.dtype, layout=layout)
-    else:
-        print(f"warning: {args.model} is not a path; evaluating a randomly initialised preset", file=sys.stderr)
-        model = init(args.model, dtype=args.dtype, layout=layout)
+    model = load_model(args.model, args.dtype, args.quantize, args.adapters, layout)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the model's vocabulary "
                          f"is {model.config.vocab_size}")

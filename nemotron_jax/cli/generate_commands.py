@@ -1,9 +1,9 @@
 """`generate` and `chat`: text in, streamed text out, with the `detailed thinking on/off` toggle.
 
-Streaming runs the jitted decode loop in chunks of `--chunk` tokens (default 16) and decodes the
-text in Python between chunks, so there is one device call per chunk, never one per token; the
-whole response's tokens are re-decoded each time and only the new suffix is printed (a
-half-finished UTF-8 character is held back). Defaults follow SPEC §3: reasoning on samples at
+Generation runs on the engine (`Model.engine`), `--chunk` tokens (default 16) per jitted decode
+call, and the text is decoded in Python between calls, so there is one device call per chunk,
+never one per token; the whole response's tokens are re-decoded each time and only the new suffix
+is printed (a half-finished UTF-8 character is held back). Defaults follow SPEC §3: reasoning on samples at
 temperature 0.6, top-p 0.95; reasoning off (or no toggle) is greedy. `chat` re-renders the whole
 conversation each turn (earlier turns' `<think>` parts are dropped by the template).
 """
@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from nemotron_jax.sampling.logits_processing import make_params
 from nemotron_jax.sampling.sampler import validate_request
@@ -53,20 +51,42 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
                    help="KV-cache dtype (default: the parameter dtype)")
     p.add_argument("--chunk", type=int, default=16, help="tokens per jitted decode call while streaming")
+    add_weight_args(p)
 
 
-def load_model(source: str, dtype: str = "float32") -> Any:
-    """A model from a path `nj.load` reads, or a preset name initialised with random weights."""
+def add_weight_args(p: argparse.ArgumentParser) -> None:
+    """--quantize and --adapters: how the weights `load_model` reads are stored and extended."""
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="store the projections quantized (weight-only; int8 per channel, int4 in groups of 128)")
+    p.add_argument("--adapters", default=None, metavar="DIR",
+                   help="a LoRA adapter directory to attach (ours, or a PEFT adapter)")
+
+
+def load_model(source: str, dtype: str = "float32", quantize: str | None = None, adapters: str | None = None,
+               layout: Any = None) -> Any:
+    """A model from a path `nj.load` reads, or a preset name initialised with random weights;
+    optionally quantized and with LoRA adapters attached."""
     from nemotron_jax.api import init, load
+    from nemotron_jax.lora import load_adapters
     from nemotron_jax.presets import preset_names
 
+    check_adapters(adapters)
     if Path(source).exists():
-        return load(source, dtype=dtype)
+        return load(source, dtype=dtype, quantize=quantize, adapters=adapters, layout=layout)
     if source in preset_names():
         print(f"warning: {source} is a preset: using random weights (seed 0), output will be gibberish",
               file=sys.stderr)
-        return init(source, seed=0, dtype=dtype)
+        model = init(source, seed=0, dtype=dtype, layout=layout)
+        model = model if quantize is None else model.quantize(quantize)
+        if adapters is not None:
+            load_adapters(model.module, adapters, layout)
+        return model
     raise ValueError(f"{source}: not a model directory or a preset name")
+
+
+def check_adapters(adapters: str | None) -> None:
+    if adapters is not None and not Path(adapters).is_dir():
+        raise ValueError(f"--adapters {adapters}: not a directory")
 
 
 def load_tokenizer(source: str | None, vocab_size: int) -> Any:
@@ -104,36 +124,40 @@ class Session:
             raise ValueError(f"--max-thinking-tokens must be >= 0, got {args.max_thinking_tokens}")
         if args.chunk < 1:
             raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
+        check_adapters(args.adapters)
         self._model: Any = None
 
     @property
     def model(self) -> Any:
         if self._model is None:
-            self._model = load_model(self.args.model, self.args.dtype)
+            a = self.args
+            self._model = load_model(a.model, a.dtype, a.quantize, a.adapters)
         return self._model
 
     def options(self, thinking: bool | None) -> dict[str, Any]:
         a = self.args
         defaults = ON_DEFAULTS if thinking else OFF_DEFAULTS
         opts = {"temperature": defaults["temperature"] if a.temperature is None else a.temperature,
-                "top_p": defaults["top_p"] if a.top_p is None else a.top_p, "top_k": a.top_k, "seed": a.seed,
-                "stop_tokens": self.stop, "cache_dtype": a.cache_dtype or a.dtype, "chunk": a.chunk}
+                "top_p": defaults["top_p"] if a.top_p is None else a.top_p}
         if a.max_thinking_tokens is not None:
-            opts.update(max_thinking_tokens=a.max_thinking_tokens, think_tokens=self.tok.think_tokens)
+            opts["max_thinking_tokens"] = a.max_thinking_tokens
         return opts
 
     def respond(self, prompt_ids: list[int], thinking: bool | None, out: Any = None) -> str:
-        """Stream the response to `out` (stdout) chunk by chunk; return its text (stop token excluded)."""
-        from nemotron_jax.sampling import stream
+        """Stream the response to `out` (stdout) as the engine emits it; return its text (stop
+        token excluded)."""
+        from nemotron_jax.engine import SamplingOptions
 
         out = sys.stdout if out is None else out
         validate_request([prompt_ids], self.args.max_new_tokens, self.config.vocab_size,
                          self.config.max_position_embeddings)
+        knobs = self.options(thinking)
+        engine = self.engine(prompt_ids, thinking)
+        options = SamplingOptions(self.args.max_new_tokens, knobs["temperature"], knobs["top_p"], self.args.top_k,
+                                  self.args.seed, 0, tuple(self.stop), knobs.get("max_thinking_tokens"))
         start, printed, text, ids = time.perf_counter(), "", "", []
-        graphdef, state = self.model.split()
-        for st in stream(graphdef, state, [prompt_ids], self.args.max_new_tokens, layout=self.model.layout,
-                         **self.options(thinking)):
-            ids = np.asarray(st.tokens_BxS[0, :int(st.num_new_B[0])]).tolist()
+        for events in engine.stream(prompt_ids, options):
+            ids += [e.token for e in events if e.token is not None]
             text = self.tok.decode([t for t in ids if t not in self.stop], skip_special_tokens=True)
             ready = text.rstrip("\ufffd")  # hold back a half-decoded UTF-8 character
             if ready.startswith(printed) and len(ready) > len(printed):
@@ -147,6 +171,14 @@ class Session:
         seconds = time.perf_counter() - start
         print(f"[{len(ids)} tokens in {seconds:.2f}s]", file=sys.stderr)
         return text
+
+    def engine(self, prompt_ids: list[int], thinking: bool | None) -> Any:
+        """The model's engine sized for this turn (kept across turns of the same size bucket)."""
+        a = self.args
+        options = {"cache_dtype": a.cache_dtype or a.dtype, "decode_steps": a.chunk}
+        if a.max_thinking_tokens is not None:
+            options["think_tokens"] = self.tok.think_tokens
+        return self.model.engine([prompt_ids], a.max_new_tokens, **options)
 
 
 def _thinking(value: str | None) -> bool | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -156,6 +156,23 @@ class Engine:
             events += self._decode(batch)
         self.stats["preemptions"] = sum(r.preemptions for r in self.scheduler.requests.values())
         return events
+
+    def stream(self, prompt_ids: Sequence[int], options: SamplingOptions = SamplingOptions(),
+               ) -> Iterator[list[TokenEvent]]:
+        """One request's tokens as they come: after each engine step, the events it emitted (for a
+        single caller such as the CLI; a server drives `step()` itself for all its clients). Closing
+        the iterator early aborts the request."""
+        rid = self.add_request(prompt_ids, options)
+        finished = False
+        try:
+            while not finished:
+                mine = [e for e in self.step() if e.request_id == rid]
+                finished = any(e.finished for e in mine)
+                if mine:
+                    yield mine
+        finally:
+            if not finished:
+                self.abort(rid)
 
     # ------------------------------------------------------------------ generate
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],

@@ -2,9 +2,10 @@
 per problem, pass@1 (mean over the k), maj@k and unbiased pass@k, resumable and sharded.
 
 Problems are cut into fixed batches in their global order (`batch_size // samples` problems, each
-repeated `samples` times); batch b is generated with seed `seed + b` by shard `b % num_shards`, so
-results do not depend on how many hosts ran them, on resumption, or on the mesh (the sampler splits
-each batch's rows over the mesh's data axes). Every graded problem is appended to the shard's JSONL
+sampled `samples` times by the engine, which prefills a prompt once for its k samples); batch b is
+generated with seed `seed + b` by shard `b % num_shards`, and every sample draws from its own key,
+so results do not depend on how many hosts ran them, on resumption, or on the mesh (the engine
+splits its rows over the mesh's data axes). Every graded problem is appended to the shard's JSONL
 part file as soon as its batch is done; process 0 merges the parts and writes the summary.
 """
 
@@ -56,14 +57,12 @@ def prompt_messages(bench: Benchmark, record: Record, thinking: bool, system: st
     return [{"role": "system", "content": f"{toggle}\n{system}"}, *messages], None
 
 
-def generate_samples(model: Any, prompts: Sequence[list[int]], samples: int, rows: int, max_new_tokens: int, *,
+def generate_samples(model: Any, prompts: Sequence[list[int]], samples: int, max_new_tokens: int, *,
                      seed: int, **sampling: Any) -> list[list[list[int]]]:
-    """`samples` responses per prompt, as token lists [prompt][sample]: the k copies of a prompt are
-    k rows of one batch (each row draws from its own key), padded to `rows` rows so every batch has
-    one compiled shape. The one place a paged engine with prefix sharing would slot in."""
-    flat = [p for p in prompts for _ in range(samples)]
-    padded = flat + [flat[0]] * (rows - len(flat))
-    out = model.generate(padded, max_new_tokens, seed=seed, **sampling)
+    """`samples` responses per prompt, as token lists [prompt][sample], from the engine: each
+    prompt is prefilled once and its k samples share its pages; sample j of prompt i draws from its
+    own key (seed, i·k + j), so a response never depends on what else is in the batch."""
+    out = model.generate(list(prompts), max_new_tokens, seed=seed, n=samples, **sampling)
     return [out[i * samples:(i + 1) * samples] for i in range(len(prompts))]
 
 
@@ -98,7 +97,6 @@ def run(model: Any, tokenizer: Any, bench: Benchmark, records: Sequence[Record],
         sampling.update(max_thinking_tokens=max_thinking_tokens, think_tokens=tokenizer.think_tokens)
     sampling["stop_tokens"] = [i for i in tokenizer.eos_ids if i < model.config.vocab_size] or None
     per_batch = max(1, batch_size // samples)
-    rows = min(per_batch, len(records)) * samples
     done = outputs.done_problems(output_dir, bench.name, mode) if output_dir is not None else {}
     part = outputs.part_path(output_dir, bench.name, mode, shard, num_shards) if output_dir is not None else None
     batches = [b for b in range(math.ceil(len(records) / per_batch)) if b % num_shards == shard]
@@ -111,11 +109,11 @@ def run(model: Any, tokenizer: Any, bench: Benchmark, records: Sequence[Record],
         index = list(range(b * per_batch, min(len(records), (b + 1) * per_batch)))
         prompts = [tokenizer.apply_chat_template(*prompt_messages(bench, records[i], thinking, system)) for i in index]
         start = time.perf_counter()
-        out = generate_samples(model, prompts, samples, rows, max_new_tokens, seed=seed + b, **sampling)
+        out = generate_samples(model, prompts, samples, max_new_tokens, seed=seed + b, **sampling)
         seconds = time.perf_counter() - start
         if n == 0 and len(todo) == 1:  # the only batch paid for compilation: time it again, warm
             start = time.perf_counter()
-            generate_samples(model, prompts, samples, rows, max_new_tokens, seed=seed + b, **sampling)
+            generate_samples(model, prompts, samples, max_new_tokens, seed=seed + b, **sampling)
             seconds = time.perf_counter() - start
         if n > 0 or len(todo) == 1:
             timing["tokens"] += sum(len(o) for group in out for o in group)
