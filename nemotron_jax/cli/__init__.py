@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "nemotron_jax.cli.pipeline_commands",
     "nemotron_jax.cli.plan_commands",
     "nemotron_jax.cli.puzzle_commands",
+    "nemotron_jax.cli.serve_commands",
     "nemotron_jax.cli.train_commands",
 ]
 
