@@ -53,6 +53,12 @@ class EvalConfig:
     batch_size: int = 64
     seed: int = 1234
     max_thinking_tokens: int | None = None
+    # Serving throughput through the engine (eval/throughput.py): concurrent requests x prompt
+    # tokens x new tokens, timed round-robin over every model.
+    speed_requests: int = 32
+    speed_prompt_tokens: int = 192
+    speed_new_tokens: int = 32
+    speed_rounds: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +168,19 @@ class Pipeline:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(cached, json.dumps(done, indent=1) + "\n")
             rows += done["rows"]
-        return rows
+        speed = self.serving_speed(models)
+        return [{**row, **speed[row["model"]]} for row in rows]
+
+    def serving_speed(self, models: dict[str, Path]) -> dict[str, dict[str, float]]:
+        """Every model serving the same concurrent workload through the engine (not cached: it
+        is a measurement of this machine now)."""
+        from nemotron_jax.api import load
+        from nemotron_jax.eval.throughput import engine_throughput
+
+        e = self.cfg.eval
+        loaded = {name: load(path) for name, path in models.items()}
+        return engine_throughput(loaded, requests=e.speed_requests, prompt_tokens=e.speed_prompt_tokens,
+                                 new_tokens=e.speed_new_tokens, rounds=e.speed_rounds, seed=e.seed)
 
     def export(self, source: Path) -> Path:
         from nemotron_jax.api import load

@@ -33,7 +33,8 @@ def smoke_config(tmp_path: Path) -> Path:
            "puzzle": {"config": str(configs_dir() / "puzzle" / "tiny.yaml"), "overrides": PUZZLE_SMOKE},
            "sft": {"config": str(configs_dir() / "recipes" / "sft-tiny.yaml"), "overrides": SFT_SMOKE},
            "grpo": {"config": str(configs_dir() / "recipes" / "grpo-tiny.yaml"), "overrides": GRPO_SMOKE},
-           "eval": {"examples": 4, "max_new_tokens": 16, "batch_size": 4}}
+           "eval": {"examples": 4, "max_new_tokens": 16, "batch_size": 4, "speed_requests": 4,
+                    "speed_prompt_tokens": 32, "speed_new_tokens": 8, "speed_rounds": 1}}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -57,6 +58,8 @@ def test_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["format_rate"] <= 1.0
         assert r["tokens_per_s"] > 0 and r["params"] > 0 and r["examples"] == 4
+        assert r["engine_tokens_per_s"] > 0 and r["engine_speedup"] > 0
+    assert {r["engine_speedup"] for r in rows if r["model"] == "parent"} == {1.0}
     params = {r["model"]: r["params"] for r in rows}
     assert params["child"] == params["child+KD"] == params["+SFT"] == params["+GRPO"] < params["parent"]
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -75,7 +78,8 @@ def test_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     second = run_cli("pipeline", str(config))
     assert second.returncode == 0, second.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert json.loads((out / "report.json").read_text())["rows"] == rows
+    measured = lambda rs: [{k: v for k, v in r.items() if not k.startswith("engine_")} for r in rs]  # timings
+    assert measured(json.loads((out / "report.json").read_text())["rows"]) == measured(rows)
 
     # Changed eval settings redo the evaluation only.
     third = run_cli("pipeline", str(config), "eval.examples=3")

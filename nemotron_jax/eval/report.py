@@ -10,6 +10,7 @@ from typing import Any
 COLUMNS = [("model", "model", "{}"), ("mode", "thinking", "{}"), ("accuracy", "accuracy", "{:.3f}"),
            ("format_rate", "format", "{:.3f}"), ("mean_response_tokens", "resp. tokens", "{:.1f}"),
            ("tokens_per_s", "decode tok/s", "{:.1f}"), ("kv_cache_bytes_per_token", "KV B/token", "{:,}"),
+           ("engine_tokens_per_s", "serving tok/s", "{:.1f}"), ("engine_speedup", "serving ×", "{:.2f}"),
            ("params", "params", "{:,}")]
 
 
@@ -19,7 +20,8 @@ def format_table(rows: Sequence[dict[str, Any]], loss: dict[str, float] | None =
     if rows:
         lines.append("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
         lines.append("|" + "---|" * len(COLUMNS))
-        lines += ["| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |" for row in rows]
+        lines += ["| " + " | ".join(fmt.format(row[key]) if key in row else "—" for key, _, fmt in COLUMNS) + " |"
+                  for row in rows]
     if loss:
         lines.append(f"\nloss {loss['loss']:.4f}, perplexity {loss['perplexity']:.2f} over {loss['tokens']:,} tokens")
     return "\n".join(lines)
@@ -42,10 +44,11 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> N
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_ylim(0, 1)
     ax_acc.legend()
-    speed = [max((r["tokens_per_s"] for r in rows if r["model"] == m), default=0.0) for m in models]
+    key = "engine_tokens_per_s" if all("engine_tokens_per_s" in r for r in rows) else "tokens_per_s"
+    speed = [max((r[key] for r in rows if r["model"] == m), default=0.0) for m in models]
     ax_speed.bar(range(len(models)), speed, color="tab:green")
     ax_speed.set_xticks(range(len(models)), models, rotation=20)
-    ax_speed.set_ylabel("decode tokens/s")
+    ax_speed.set_ylabel("serving tokens/s (engine)" if key == "engine_tokens_per_s" else "decode tokens/s")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
