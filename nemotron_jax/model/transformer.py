@@ -28,7 +28,7 @@ from nemotron_jax.model.ffn import LinearFFN, SwiGLU
 from nemotron_jax.model.layers import RMSNorm, param
 from nemotron_jax.sharding import constrain
 
-Cache = list[KVCache | None]
+Cache = list[KVCache | None]  # one entry per group of `Transformer._runs` (see `init_cache`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,19 +131,21 @@ class Transformer(nnx.Module):
     def run_layers(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None,
                    cache: Cache | None = None, start: int = 0) -> tuple[jax.Array, Cache | None]:
         """Layers `start`.. on the state entering layer `start`: the state after the last block
-        (before the final norm) and the updated cache of those layers (`cache[i]` is layer start + i)."""
+        (before the final norm) and the updated cache of those layers, one entry per group of
+        `_runs(start)` (a layer; under `scan_layers` a run of identical layers, stacked)."""
         if not 0 <= start <= len(self.layers):
             raise ValueError(f"start={start} outside the {len(self.layers)} layers")
         new_cache: Cache | None = None if cache is None else []
-        for first, stop in self._runs(cache is None, start):
+        for g, (first, stop) in enumerate(self._runs(start)):
+            group_cache = None if cache is None else cache[g]
             if stop - first > 1:
-                x_BxTxD = self._scan_run(first, stop, x_BxTxD, positions_BxT, segment_ids_BxT)
-                continue
-            layer_cache = None if cache is None else cache[first - start]
-            x_BxTxD, layer_cache = self._apply(self.layers[first], x_BxTxD, positions_BxT, segment_ids_BxT,
-                                               layer_cache)
+                x_BxTxD, group_cache = self._scan_run(first, stop, x_BxTxD, positions_BxT, segment_ids_BxT,
+                                                      group_cache)
+            else:
+                x_BxTxD, group_cache = self._apply(self.layers[first], x_BxTxD, positions_BxT, segment_ids_BxT,
+                                                   group_cache)
             if new_cache is not None:
-                new_cache.append(layer_cache)
+                new_cache.append(group_cache)
         return x_BxTxD, new_cache
 
     def logits_from(self, start: int, x_BxTxD: jax.Array, positions_BxT: jax.Array,
@@ -185,12 +187,17 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "seq", "act_vocab"))
 
     def init_cache(self, batch: int, max_len: int, dtype: str = "bfloat16") -> Cache:
-        """Zeros for every GQA layer, shaped by that layer's own KV heads; None for the others."""
+        """Zeros for every GQA layer, shaped by that layer's own KV heads; None for the others.
+
+        One entry per group of `_runs()`: a layer's [B, S, K, H] arrays or, for a run of L
+        identical layers under `scan_layers`, the run's caches stacked to [L, B, S, K, H], so the
+        scan carries them in place."""
         cache: Cache = []
-        for layer in self.layers:
-            att = layer.attention
+        for first, stop in self._runs():
+            att = self.layers[first].attention
             if isinstance(att, GQAttention):
-                shape = (batch, max_len, att.num_kv_heads, att.head_dim)
+                stack = (stop - first,) if stop - first > 1 else ()
+                shape = (*stack, batch, max_len, att.num_kv_heads, att.head_dim)
                 cache.append(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
             else:
                 cache.append(None)
@@ -212,30 +219,41 @@ class Transformer(nnx.Module):
 
         return jax.checkpoint(pure, policy=self._remat_policy())(state, x, positions, segment_ids, cache)
 
-    def _runs(self, allow_scan: bool, first: int = 0) -> list[tuple[int, int]]:
-        """[start, stop) ranges from layer `first`: runs of identical blocks when scanning, else single layers."""
+    def _runs(self, first: int = 0) -> list[tuple[int, int]]:
+        """[start, stop) ranges from layer `first`: runs of identical blocks under `scan_layers`,
+        else single layers. The cache follows these groups."""
         blocks = self.config.blocks
         runs, start = [], first
         for i in range(first + 1, len(blocks) + 1):
-            if i == len(blocks) or not (allow_scan and self.policy.scan_layers and blocks[i] == blocks[start]):
+            if i == len(blocks) or not (self.policy.scan_layers and blocks[i] == blocks[start]):
                 runs.append((start, i))
                 start = i
         return runs
 
-    def _scan_run(self, start: int, stop: int, x: jax.Array, positions: jax.Array,
-                  segment_ids: jax.Array | None) -> jax.Array:
-        """lax.scan over a run of identical blocks, their weights stacked on a leading axis."""
+    def _scan_run(self, start: int, stop: int, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                  cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+        """lax.scan over a run of identical blocks, their weights stacked on a leading axis; the
+        run's stacked cache [L, B, S, K, H] rides in the carry and layer i updates slice i in place.
+
+        The weights are stored per layer (`layers.<i>` paths) and stacked here, inside the traced
+        step: XLA materialises that stacked copy (see docs/scale.md, "scan_layers at scale")."""
         graphdef, first = nnx.split(self.layers[start])
         states = [first] + [nnx.state(self.layers[i]) for i in range(start + 1, stop)]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
-        def body(x, state):
-            block = nnx.merge(graphdef, state)
-            return block(x, positions, segment_ids, None)[0], None
+        def body(carry, xs):
+            x, cache = carry
+            state, i = xs
+            layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
+            x, layer_cache = nnx.merge(graphdef, state)(x, positions, segment_ids, layer_cache)
+            if cache is not None:
+                cache = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, i, 0),
+                                     cache, layer_cache)
+            return (x, cache), None
 
         if self.policy.remat != "none":
             body = jax.checkpoint(body, policy=self._remat_policy())
-        return jax.lax.scan(body, x, stacked)[0]
+        return jax.lax.scan(body, (x, cache), (stacked, jnp.arange(stop - start)))[0]
 
 
 def _default_positions(tokens_BxT: jax.Array, positions_BxT: jax.Array | None) -> jax.Array:

@@ -37,6 +37,8 @@ from nemotron_jax.sharding import Layout, constrain, use_layout
 
 # Trace counts per jitted function: a test (or a user) can check that calls did not recompile.
 TRACES: collections.Counter[str] = collections.Counter()
+# A cache entry's axes: [B, S, K, H], or [L, B, S, K, H] for a scanned run's stacked layers.
+_CACHE_AXES = (None, "batch", None, "act_kv_heads", None)
 
 
 class Flags(NamedTuple):
@@ -113,7 +115,7 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens_BxT: jax.Array, len
     batch, t = tokens_BxT.shape
     positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
     with use_layout(layout):
-        cache = [None if c is None else KVCache(*(constrain(a, ("batch", None, "act_kv_heads", None)) for a in c))
+        cache = [None if c is None else KVCache(*(constrain(a, _CACHE_AXES[-a.ndim:]) for a in c))
                  for c in model.init_cache(batch, cache_len, cache_dtype)]
         h_BxTxD, cache = model.hidden_states(tokens_BxT, positions_BxT, None, cache)
         h_Bx1xD = h_BxTxD[jnp.arange(batch), lengths_B - 1][:, None]
