@@ -3,10 +3,12 @@
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import nemotron_jax as nj
 from nemotron_jax.rl.config import PromptConfig
@@ -145,3 +147,30 @@ def test_rollout_prefills_each_groups_prompt_once(tiny_hetero, tokenizer):
     shared = sum(n + (group - 1) * (n % page) for n in lengths)
     assert engine.stats["prefill_tokens"] - before <= shared < group * sum(lengths)
     assert engine.free_pages == engine.num_pages - 1  # every page returned
+
+
+def test_reshard_for_a_rollout_mesh_moves_base_and_adapters(tiny_hetero):
+    """sampling.rollout_mesh: the policy's weights, LoRA adapters included, land on the rollout
+    layout by their own logical axes, values unchanged."""
+    from nemotron_jax.rl.rollout import reshard_params
+    from nemotron_jax.train.config import MeshConfig
+
+    model = nj.init(tiny_hetero.config, seed=0).add_adapters(rank=4)
+    graphdef, params = nnx.split(model.module)
+    layout = MeshConfig(fsdp=4, tensor=2).layout()
+    moved = reshard_params(params, graphdef, layout)
+    flat, before = dict(nnx.to_flat_state(moved)), dict(nnx.to_flat_state(params))
+    adapters = [p for p in flat if "lora" in p]
+    assert adapters and flat.keys() == before.keys()
+    for path, var in flat.items():
+        np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(before[path].get_value()))
+        assert var.get_value().sharding == layout.sharding(var.logical_axes, var.get_value().shape), path
+
+
+def test_rollout_mesh_with_quantized_weights_is_refused():
+    from nemotron_jax.errors import ConfigError
+    from nemotron_jax.recipes import load_recipe
+
+    with pytest.raises(ConfigError, match="rollout_mesh with model.quantize"):
+        load_recipe(Path(__file__).parents[1] / "configs" / "recipes" / "grpo-tiny.yaml",
+                    ["model.quantize=int8", "lora.rank=4", "sampling.rollout_mesh.fsdp=2"])

@@ -116,6 +116,9 @@ class RLRecipe(RunConfig):
             raise ConfigError(f"sampling.temperature must be >= 0 and top_p in (0, 1], got {s.temperature}, {s.top_p}")
         if not 0 <= self.prompts.thinking_ratio <= 1:
             raise ConfigError(f"prompts.thinking_ratio must lie in [0, 1], got {self.prompts.thinking_ratio}")
+        if s.rollout_mesh is not None and self.model.quantize:
+            raise ConfigError("sampling.rollout_mesh with model.quantize is not supported (quantized weights are "
+                              "not resharded yet): drop one of them")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from nemotron_jax import rewards
 from nemotron_jax.api import Model
 from nemotron_jax.data.batch import PolicyBatch
 from nemotron_jax.eval import benchmarks
-from nemotron_jax.model.params import param_shardings
+from nemotron_jax.quantize import QArray
 from nemotron_jax.rl.objectives import Aggregation, aggregation_weights, group_advantages
 from nemotron_jax.sharding import Layout
 from nemotron_jax.tokenizer import Tokenizer
@@ -69,13 +69,22 @@ class Rollout:
 
 
 def reshard_params(params: nnx.State, graphdef: nnx.GraphDef, layout: Layout | None) -> nnx.State:
-    """The same weights laid out for another mesh (e.g. a rollout mesh), moved device-to-device."""
+    """The same weights laid out for another mesh (e.g. a rollout mesh), moved device-to-device:
+    every variable by its own logical axes (base weights and LoRA adapters alike)."""
     if layout is None:
         return params
-    module = nnx.merge(graphdef, params)
-    shardings = param_shardings(module, layout)
-    flat = [(p, v.replace(jax.device_put(v[...], shardings[p]))) for p, v in nnx.to_flat_state(params)]
-    return nnx.from_flat_state(flat)
+    del graphdef  # the variables carry their logical axes themselves
+
+    def move(v: nnx.Variable) -> nnx.Variable:
+        value = v.get_value()
+        if not hasattr(v, "logical_axes") or not hasattr(value, "shape") or isinstance(value, QArray):
+            if isinstance(value, QArray):
+                raise ValueError("a separate rollout mesh is not supported for quantized weights yet; "
+                                 "drop sampling.rollout_mesh or model.quantize")
+            return v
+        return v.replace(jax.device_put(value, layout.sharding(v.logical_axes, value.shape)))
+
+    return nnx.from_flat_state([(p, move(v)) for p, v in nnx.to_flat_state(params)])
 
 
 def rollout(policy: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt], group_size: int, max_new_tokens: int,
