@@ -1,12 +1,15 @@
 """The engine vs the static sampler vs transformers `generate`, on the same weights, in one run.
 
-57M-parameter Llama (hidden 512, 8 layers, vocab 32000, float32, greedy), three workloads:
+57M-parameter Llama (hidden 512, 8 layers, vocab 32000, float32, greedy; `--size 300m` for the larger
+one), three workloads:
 - uniform decode: batch 1 and 8, 32-token prompts, 128 new tokens; decode tok/s against the
   bandwidth roofline (bytes of weights + KV read per token / bandwidth measured here, with a large
   copy and a large reduction, numpy and JAX; the best counts).
 - long-tailed: 64 requests, prompts 16-128 tokens, new tokens lognormal around 48 clipped to
   8-340; useful tokens/s of the engine (all requests at once), the static sampler in batches of 8
-  (each batch runs to its longest request) and transformers in batches of 8 (left-padded).
+  (each batch runs to its longest request), transformers `generate` in batches of 8 (left-padded)
+  and transformers continuous batching (`init_continuous_batching`, each request its own length);
+  KV memory in use at the peak vs a contiguous cache of 32 slots sized for the longest request.
 - GRPO-shaped: 16 prompts x 16 samples: prefill tokens and peak KV bytes with vs without sharing.
 
     .venv/bin/python benchmarks/engine.py [--requests 64] [--skip-hf]
@@ -89,6 +92,12 @@ def long_tail(model, hf, requests: int, rows: list) -> None:
     t = time.perf_counter()
     ours = eng.generate(prompts, new, stop_tokens=[])
     t_eng = time.perf_counter() - t
+    peak = 0  # pages in use at the peak of the same workload, stepped by hand
+    for i, (p, n) in enumerate(zip(prompts, new, strict=True)):
+        eng.add_request(p, SamplingOptions(n, stop_tokens=()), request_id=("kv", i))
+    while eng.has_work():
+        eng.step()
+        peak = max(peak, eng.num_pages - 1 - eng.free_pages)
 
     def static_run():
         out = []
@@ -101,9 +110,15 @@ def long_tail(model, hf, requests: int, rows: list) -> None:
     t = time.perf_counter()
     theirs = static_run()
     t_static = time.perf_counter() - t
-    t_hf = float("nan")
+    t_hf, t_hf_cb = float("nan"), float("nan")
     if hf is not None:
         import torch
+
+        hf_continuous(hf, prompts, new)  # warm
+        t = time.perf_counter()
+        cb_out = hf_continuous(hf, prompts, new)
+        t_hf_cb = time.perf_counter() - t
+        cb_same = np.mean([a == b for a, b in zip(ours, cb_out, strict=True)])
 
         t = time.perf_counter()
         for i in range(0, requests, 8):
@@ -116,10 +131,30 @@ def long_tail(model, hf, requests: int, rows: list) -> None:
                             min_new_tokens=max(new[i:i + 8]), do_sample=False, pad_token_id=0)
         t_hf = time.perf_counter() - t
     same = np.mean([a == b for a, b in zip(ours, theirs, strict=True)])
+    contiguous = 32 * (max(map(len, prompts)) + max(new))  # 32 slots, each sized for the longest request
+    contiguous_bytes = contiguous * model.config.kv_cache_bytes_per_token("float32")
     rows.append(("long-tailed", f"{requests} req, {useful} useful tok", useful / t_eng, useful / t_static,
-                 useful / t_hf, f"engine {useful / t_eng / (useful / t_static):.2f}x static; "
-                 f"{eng.stats['decode_calls']} decode calls", f"{same:.2f} rows equal"))
+                 useful / t_hf, f"engine {useful / t_eng / (useful / t_static):.2f}x static, "
+                 f"{t_hf / t_eng:.2f}x transformers generate, {t_hf_cb / t_eng:.2f}x transformers generate_batch "
+                 f"({useful / t_hf_cb:.0f} tok/s); {eng.stats['decode_calls']} decode calls; KV in use at peak "
+                 f"{peak * eng.geometry.page_bytes(16, 'float32') / 2**20:.0f} MiB (32 slots) vs a contiguous "
+                 f"32-slot cache {contiguous_bytes / 2**20:.0f} MiB",
+                 f"{same:.2f} rows equal static" + (f", {cb_same:.2f} generate_batch" if hf is not None else "")))
     print(f"progress: {rows[-1]}", file=sys.stderr, flush=True)
+
+
+def hf_continuous(hf, prompts: list, new: list) -> list:
+    """transformers' continuous batching (`init_continuous_batching`), each request its own length."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max(new), do_sample=False, eos_token_id=None, pad_token_id=0)
+    manager = hf.init_continuous_batching(generation_config=config)
+    manager.start()
+    ids = [manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
+           for i, (p, n) in enumerate(zip(prompts, new, strict=True))]
+    out = [list(manager.get_result(r, timeout=3600).generated_tokens) for r in ids]
+    manager.stop(block=True)
+    return out
 
 
 def grpo(model, rows: list) -> None:
@@ -157,9 +192,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--only", default="uniform,long-tail,grpo")
+    parser.add_argument("--size", default="60m", choices=sorted(dec.SIZES), help="model size (benchmarks/decode.py)")
     args = parser.parse_args()
     load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    cfg = dec.config("60m")
+    cfg = dec.config(args.size)
     model = nj.init(cfg, seed=0)
     hf = None
     if not args.skip_hf:
@@ -181,6 +217,9 @@ def main() -> None:
     print(f"\n{cfg.num_params() / 1e6:.0f}M Llama, float32, greedy; bandwidth {bw / 1e9:.1f} GB/s; "
           f"jax {jax.__version__}; before: {load_before}; after: "
           f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}\n")
+    super_kv = nj.preset("ln-super-49b").kv_cache_bytes_per_token("bfloat16")
+    print(f"KV bytes per token, bf16: LN-Super {super_kv:,} (its Llama-3.3-70B parent: 80 layers x 8 KV heads x "
+          f"128 x 2 x 2 = {80 * 8 * 128 * 2 * 2:,})\n")
     print("| workload | case | engine tok/s | static tok/s | transformers tok/s | notes | same tokens |")
     print("| --- | --- | ---: | ---: | ---: | --- | --- |")
     for r in rows:
