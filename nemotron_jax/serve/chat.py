@@ -76,22 +76,14 @@ def _logprobs(gen: Generation, tokens: list[int], logprobs: list[float]) -> Choi
 
 
 async def chat_response(req: ChatCompletionRequest, gen: Generation, prompt_tokens: int) -> ChatCompletion:
-    n = len(gen.choices)
-    texts, tokens, logprobs, reasons = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)], [""] * n
-    async for updates in gen.updates():
-        for up in updates:
-            texts[up.index] += up.text
-            tokens[up.index] += up.tokens
-            logprobs[up.index] += up.logprobs
-            reasons[up.index] = up.finish_reason or reasons[up.index]
     choices = []
-    for i in range(n):
+    for out in await gen.whole():
         splitter = ReasoningSplitter()
-        r1, c1 = splitter.push(texts[i])
+        r1, c1 = splitter.push(out.text)
         r2, c2 = splitter.flush()
         message = AssistantMessage(content=c1 + c2, reasoning_content=r1 + r2 if splitter.has_reasoning else None)
-        choices.append(ChatChoice(index=i, message=message, finish_reason=reasons[i],
-                                  logprobs=_logprobs(gen, tokens[i], logprobs[i]) if req.logprobs else None))
+        choices.append(ChatChoice(index=out.index, message=message, finish_reason=out.finish_reason or "",
+                                  logprobs=_logprobs(gen, out.tokens, out.logprobs) if req.logprobs else None))
     return ChatCompletion(id=gen.id, created=gen.created, model=gen.config.model_name, choices=choices,
                           usage=usage(prompt_tokens, gen.completion_tokens))
 

@@ -48,18 +48,10 @@ def _logprobs(gen: Generation, tokens: list[int], logprobs: list[float], offset:
 
 
 async def completion_response(req: CompletionRequest, gen: Generation, prompt_tokens: int) -> Completion:
-    n = len(gen.choices)
-    texts, tokens, logprobs, reasons = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)], [""] * n
-    async for updates in gen.updates():
-        for up in updates:
-            texts[up.index] += up.text
-            tokens[up.index] += up.tokens
-            logprobs[up.index] += up.logprobs
-            reasons[up.index] = up.finish_reason or reasons[up.index]
     want = req.logprobs is not None
-    choices = [CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i],
-                                logprobs=_logprobs(gen, tokens[i], logprobs[i], 0) if want else None)
-               for i in range(n)]
+    choices = [CompletionChoice(index=out.index, text=out.text, finish_reason=out.finish_reason or "",
+                                logprobs=_logprobs(gen, out.tokens, out.logprobs, 0) if want else None)
+               for out in await gen.whole()]
     return Completion(id=gen.id, created=gen.created, model=gen.config.model_name, choices=choices,
                       usage=usage(prompt_tokens, gen.completion_tokens))
 

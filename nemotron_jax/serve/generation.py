@@ -148,6 +148,18 @@ class Generation:
         finally:
             self.close()
 
+    async def whole(self) -> list[Update]:
+        """Every choice's whole output (for a response that is not streamed), one `Update` each."""
+        out = [Update(c.index, "", [], []) for c in self.choices]
+        async for updates in self.updates():
+            for up in updates:
+                whole = out[up.index]
+                whole.text += up.text
+                whole.tokens += up.tokens
+                whole.logprobs += up.logprobs
+                whole.finish_reason = up.finish_reason or whole.finish_reason
+        return out
+
     def close(self) -> None:
         """Abort the choices still running (idempotent: the engine ignores finished ids)."""
         live = [c.request_id for c in self.choices if c.finish_reason is None]
