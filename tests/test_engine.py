@@ -173,3 +173,22 @@ def test_sharded_over_a_mesh_matches_unsharded(static_hetero):
 def test_pallas_decode_kernel_in_the_engine(tiny_hetero, static_hetero):
     eng = nj.Engine(tiny_hetero, max_batch=4, page_size=4, num_pages=40, attention_impl="pallas")
     assert eng.generate(PROMPTS[:2], NEW[:2], stop_tokens=[]) == static_hetero[:2]
+
+
+def test_model_generate_runs_on_the_engine_with_the_models_current_weights(tiny_hetero, static_hetero):
+    """`Model.generate` keeps its engine between calls of one size and always uses the weights the
+    model holds now (a trainer updating them in place, adapters attached later)."""
+    from flax import nnx
+
+    model = nj.init(tiny_hetero.config, seed=0)
+    assert model.generate(PROMPTS, NEW, stop_tokens=[]) == static_hetero  # a per-prompt max_new_tokens list
+    engine = model.engine(PROMPTS, NEW)
+    assert model.engine(PROMPTS, NEW) is engine
+    other = nj.init(tiny_hetero.config, seed=5)
+    nnx.update(model.module, nnx.state(other.module))
+    assert model.generate(PROMPTS, NEW, stop_tokens=[]) == _static(other, PROMPTS, NEW)
+    model.add_adapters(rank=2)  # B = 0: the same function, a new module structure
+    assert model.engine(PROMPTS, NEW) is not engine
+    assert model.generate(PROMPTS, NEW, stop_tokens=[]) == _static(other, PROMPTS, NEW)
+    with pytest.raises(ValueError, match="unknown generate option"):
+        model.generate(PROMPTS, NEW, cache_len=64)
