@@ -41,8 +41,8 @@ def smallest_slice(model: str, gen: str, task: str, batch: int, seq: int, cache_
 
     train = task in ("sft", "grpo", "kd")
     plan = min_devices(resolve_config(model), CHIPS[gen].memory_bytes, batch, seq if train else cache_len,
-                       "train" if train else "infer", MeshConfig(fsdp=-1, rules="fsdp"), attention_impl="xla",
-                       **({"param_dtype": "float32"} if train else {}))
+                       "train" if train else "infer", MeshConfig(fsdp=-1, rules="fsdp"), attention_impl="pallas",
+                       **({"param_dtype": "float32"} if train else {}))  # compile's default on TPU: splash
     need = plan.num_devices if plan else max(SLICES[gen])
     chips = min((c for c in SLICES[gen] if c >= max(need, batch if batch < 4 else 1)), default=max(SLICES[gen]))
     return chips, SLICES[gen][chips]
@@ -74,6 +74,11 @@ def row_markdown(model: str, label: str, r: dict) -> str:
     if "per_device_bytes" not in r:
         return f"| {model} | {label} | {r['target']} | — | — | — | — | — | — | {r['error']} |"
     b = r["per_device_bytes"]
+    if not r["fits"] and r.get("required_bytes"):  # the compiler refused it: what it needed is the result
+        return (f"| {model} | {label} (B={r['batch']}) | {r['target']} | needs {r['required_bytes'] / GiB:.1f} / "
+                f"{r['device_memory_bytes'] / GiB:.0f} | NO (compiler refused) | — | — | "
+                f"{r['compile_seconds']:.0f} ({r['compile_cpu_seconds']:.0f} CPU) | "
+                f"{r['planner_total_bytes'] / GiB:.1f} | {r['error'][:80]} |")
     plan = r["planner_total_bytes"]
     agree = abs(plan - b["total"]) <= 0.15 * b["total"]
     mfu = "—" if r["mfu_ceiling"] is None else f"{100 * r['mfu_ceiling']:.0f} %"

@@ -13,13 +13,16 @@ import functools
 import math
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
 from nemotron_jax.config import BlockConfig, ModelConfig
-from nemotron_jax.lora import TARGETS, LoRAConfig
-from nemotron_jax.quantize import PROJECTIONS, group_size
+from nemotron_jax.lora import LoRAConfig, add_adapters
+from nemotron_jax.model.lora import LoRAParam
+from nemotron_jax.model.transformer import Policy, Transformer
+from nemotron_jax.quantize import PROJECTIONS, QArray, quantize_module, storage_layout
 from nemotron_jax.sharding import MESH_AXES, RULE_PRESETS, Layout, MeshConfig
 
 GiB = 1024**3
@@ -68,7 +71,7 @@ def plan_memory(cfg: ModelConfig, mesh: MeshConfig, num_devices: int, batch: int
                 cache_dtype: str = "bfloat16", attention_impl: str = "pallas",
                 loss_chunk_tokens: int = 2048, prefill_chunk: int = 4096, quantize: str | None = None,
                 lora_rank: int = 0, lora_targets: tuple[str, ...] = LoRAConfig.targets,
-                reference: bool = False) -> MemoryPlan:
+                reference: bool = False, scan_layers: bool = False) -> MemoryPlan:
     """Per-device memory of `mode` at global `batch` x `seq` on `num_devices` laid out by `mesh`.
 
     train: fp32 master weights (default), fp32 gradients, AdamW moments, activations under `remat`.
@@ -81,6 +84,11 @@ def plan_memory(cfg: ModelConfig, mesh: MeshConfig, num_devices: int, batch: int
     (per channel / per 128-row group). `lora_rank` > 0 trains only adapters on `lora_targets`: the
     base is frozen (bf16 by default, no master copy), gradients and AdamW moments cover the adapters
     alone. `reference` adds an RL reference policy: a copy of the weights, none with LoRA.
+
+    Besides the per-block working set, activations count what the compiled TPU steps show live
+    (docs/scale.md): under fsdp the largest weight gathered whole (inference: in the compute dtype;
+    training: its float32 gradient before the reduce-scatter), and with `scan_layers` one copy of
+    every scanned run's weights in the compute dtype (the step stacks the per-layer weights).
     """
     if mode not in ("train", "infer"):
         raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
@@ -91,31 +99,31 @@ def plan_memory(cfg: ModelConfig, mesh: MeshConfig, num_devices: int, batch: int
         raise ValueError(f"unknown sharding rules {mesh.rules!r}")
     layout = Layout(AbstractMesh(tuple(sizes.values()), MESH_AXES), RULE_PRESETS[mesh.rules])
 
-    param_elems, fallbacks = 0, []
     pbytes = jnp.dtype(param_dtype).itemsize
-    params = 0.0
-    wanted_adapters = {pair for t in lora_targets for pair in TARGETS[t]} if lora_rank else set()
-    adapters = 0
-    for path, shape, axes in _param_shapes(cfg):
+    param_elems, params, adapters, adapters_local, fallbacks = 0, 0, 0, 0, []
+    lora = LoRAConfig(rank=lora_rank, targets=tuple(lora_targets)) if lora_rank else None
+    cbits = 8 * jnp.dtype(compute_dtype).itemsize
+    scanned, stacked, gathered = _scanned_layers(cfg) if scan_layers else set(), 0, 0
+    for path, shape, axes, kind, bits in _stored_arrays(cfg, quantize, lora):
         spec = layout.spec(axes, shape)
         local = _local_elems(shape, spec, sizes)
-        param_elems += local
-        name, parts = path.rsplit(".", 1)[-1], path.split(".")
-        projection = parts[0] == "layers" and name in PROJECTIONS
-        if projection and quantize:
-            in_dim = math.prod(shape[:PROJECTIONS[name]])
-            scales = 4 * math.ceil(in_dim / group_size(in_dim, quantize)) / in_dim  # float32 scale bytes per weight
-            params += local * ((1.0 if quantize == "int8" else 0.5) + scales)
-        else:
-            params += local * pbytes
-        if projection and (parts[2], name) in wanted_adapters:
-            n_in = 2 if name == "o" else 1
-            adapters += lora_rank * (math.prod(shape[:n_in]) + math.prod(shape[n_in:]))
+        if kind != "adapter":  # gathered whole over the weight-sharding axes for its matmul
+            whole = _local_elems(shape, _without(spec, ("fsdp", "data")), sizes)
+            if whole > local:
+                gathered = max(gathered, whole * (32 if mode == "train" else bits or cbits) // 8)
+        parts = path.split(".")
+        if parts[0] == "layers" and int(parts[1]) in scanned:
+            stacked += -(-local * (bits or cbits) // 8)
+        if kind == "adapter":
+            adapters += math.prod(shape)
+            adapters_local += local
+        elif kind != "scale":
+            param_elems += local
+        params += -(-local * (bits or 8 * pbytes) // 8)  # int4 packs two values a byte
         wanted = layout.spec(axes)
-        if wanted != spec:
+        if kind == "param" and wanted != spec:
             fallbacks.append(f"{path} {shape}: wanted {wanted}, replicated where it does not divide -> {spec}")
-    params = int(params) + adapters * 4  # adapters: float32, counted whole on every device (they are small)
-    trained = adapters if lora_rank else param_elems
+    trained = adapters_local if lora_rank else param_elems
 
     batch_shards = sizes["data"] * sizes["fsdp"]
     local_batch = math.ceil(batch / batch_shards)
@@ -123,10 +131,10 @@ def plan_memory(cfg: ModelConfig, mesh: MeshConfig, num_devices: int, batch: int
     if mode == "infer":
         kv = _kv_cache_bytes(cfg, local_batch, seq, sizes["tensor"], cache_dtype)
         act = _inference_activation_bytes(cfg, local_batch, min(local_seq, prefill_chunk), sizes["tensor"],
-                                          compute_dtype)
+                                          compute_dtype) + stacked + gathered
         return MemoryPlan(num_devices, sizes, params, 0, 0, act, kv, tuple(fallbacks), adapter_params=adapters)
     act = _train_activation_bytes(cfg, local_batch, local_seq, sizes["tensor"], compute_dtype, remat,
-                                  attention_impl, loss_chunk_tokens)
+                                  attention_impl, loss_chunk_tokens) + stacked + gathered
     ref = params if reference and not lora_rank else 0
     return MemoryPlan(num_devices, sizes, params, trained * 4, 2 * trained * 4, act, 0,
                       tuple(fallbacks), reference_bytes=ref, adapter_params=adapters)
@@ -148,15 +156,74 @@ def min_devices(cfg: ModelConfig, device_bytes: int, batch: int, seq: int, mode:
     return None
 
 
-@functools.lru_cache(maxsize=8)
-def _param_shapes(cfg: ModelConfig) -> tuple[tuple[str, tuple[int, ...], tuple[str, ...]], ...]:
-    """(path, shape, logical axes) of every parameter, from the model itself via `eval_shape`."""
-    from nemotron_jax.model.params import abstract_model
-    from nemotron_jax.model.transformer import Policy
+def abstract_run_model(cfg: ModelConfig, policy: Policy, quantize: str | None = None,
+                       lora: LoRAConfig | None = None) -> Transformer:
+    """The model a run holds, as `ShapeDtypeStruct`s (no memory): projections quantized as
+    `Model.quantize` does, then adapters added as the train loop's `ensure_adapters` does. The
+    planner counts this tree and `nemotron-jax compile` compiles on it."""
 
-    abstract = abstract_model(cfg, Policy())
-    return tuple((".".join(map(str, path)), tuple(var.shape), tuple(var.logical_axes))
-                 for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+    def build() -> Transformer:
+        module = Transformer(cfg, policy, rngs=nnx.Rngs(0))
+        if quantize:
+            module = quantize_module(module, quantize)  # type: ignore[arg-type]
+        if lora is not None and lora.rank:
+            add_adapters(module, lora)
+        return module
+
+    return nnx.eval_shape(build)
+
+
+def stored_axes(path: tuple, var: nnx.Variable) -> list[tuple[str, tuple[int, ...], tuple, jnp.dtype]]:
+    """(part, shape, logical axes, dtype) of each array one variable stores: the weight itself
+    (part ""), or a quantized weight's "values" and "scale" (laid out by `storage_layout`)."""
+    value = var.get_value()
+    if not isinstance(value, QArray):
+        return [("", tuple(var.shape), tuple(var.logical_axes), jnp.dtype(value.dtype))]
+    bits = "int4" if value.values.dtype == jnp.int4 else "int8"
+    (vshape, vaxes), (sshape, saxes) = storage_layout(tuple(value.shape), tuple(var.logical_axes), bits,
+                                                      PROJECTIONS[path[-1]])
+    if (vshape, sshape) != (value.values.shape, value.scale.shape):
+        raise AssertionError(f"{path}: storage_layout {vshape}/{sshape} != {value.values.shape}/{value.scale.shape}")
+    return [("values", vshape, vaxes, jnp.dtype(value.values.dtype)),
+            ("scale", sshape, saxes, jnp.dtype(value.scale.dtype))]
+
+
+@functools.lru_cache(maxsize=8)
+def _stored_arrays(cfg: ModelConfig, quantize: str | None, lora: LoRAConfig | None,
+                   ) -> tuple[tuple[str, tuple[int, ...], tuple, str, int | None], ...]:
+    """(path, shape, logical axes, kind, bits) of every array the run's model stores; kind is param
+    | values | scale | adapter; bits None for a float weight (stored in the run's `param_dtype`)."""
+    abstract = abstract_run_model(cfg, Policy(), quantize, lora)
+    out = []
+    for path, var in nnx.to_flat_state(nnx.state(abstract, (nnx.Param, LoRAParam))):
+        adapter = isinstance(var, LoRAParam)
+        for part, shape, axes, dtype in stored_axes(path, var):
+            name = ".".join(map(str, path + ((part,) if part else ())))
+            kind = "adapter" if adapter else (part or "param")
+            bits = None if kind == "param" else jax.dtypes.itemsize_bits(dtype)
+            out.append((name, shape, axes, kind, bits))
+    return tuple(out)
+
+
+def _scanned_layers(cfg: ModelConfig) -> set[int]:
+    """Layers in runs of two or more identical consecutive blocks: what `scan_layers` scans."""
+    out, start = set(), 0
+    for i in range(1, len(cfg.blocks) + 1):
+        if i == len(cfg.blocks) or cfg.blocks[i] != cfg.blocks[start]:
+            if i - start > 1:
+                out.update(range(start, i))
+            start = i
+    return out
+
+
+def _without(spec: tuple, axes: tuple[str, ...]) -> tuple:
+    """`spec` with the mesh axes `axes` removed (what a weight is once gathered over them)."""
+    out = []
+    for entry in spec:
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        kept = tuple(a for a in names if a not in axes)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return tuple(out)
 
 
 def _local_elems(shape: tuple[int, ...], spec: tuple, sizes: dict[str, int]) -> int:
@@ -178,7 +245,8 @@ def _kv_cache_bytes(cfg: ModelConfig, local_batch: int, seq: int, tensor: int, d
     return local_batch * seq * per_token * jnp.dtype(dtype).itemsize
 
 
-def _layer_bytes(cfg: ModelConfig, block: BlockConfig, b: int, t: int, tensor: int, c: int, attention_impl: str) -> int:
+def _layer_bytes(cfg: ModelConfig, block: BlockConfig, b: int, t: int, tensor: int, c: int) -> int:
+    """One block's [B, T, ...] working set (attention scores apart: `_score_bytes`)."""
     d, h = cfg.hidden_size, cfg.head_dim
     n = _split(cfg.num_attention_heads, tensor)
     total = 0
@@ -186,8 +254,6 @@ def _layer_bytes(cfg: ModelConfig, block: BlockConfig, b: int, t: int, tensor: i
     if att.kind == "gqa":
         k = _split(att.num_kv_heads, tensor)
         total += b * t * (2 * d + 2 * n * h + 2 * k * h) * c  # residual in, normed, q, k, v, attn out
-        if attention_impl == "xla":
-            total += 2 * b * n * t * t * 4  # f32 scores and softmax probabilities
     elif att.kind == "linear":
         total += 2 * b * t * d * c
     if ffn.kind == "swiglu":
@@ -198,16 +264,33 @@ def _layer_bytes(cfg: ModelConfig, block: BlockConfig, b: int, t: int, tensor: i
     return total
 
 
+def _score_bytes(cfg: ModelConfig, block: BlockConfig, b: int, t: int, tensor: int, c: int,
+                 attention_impl: str) -> int:
+    """[T, T] buffers of one GQA block. xla: the softmax's float32 output (kept for its backward)
+    and its compute-dtype copy that meets V (the f32 logits fuse into the softmax); flash kernels:
+    none, but splash's compiled XLA branch (kernels/tpu.py) holds f32 scores of one 512-query chunk."""
+    if block.attention.kind != "gqa":
+        return 0
+    n = _split(cfg.num_attention_heads, tensor)
+    if attention_impl == "xla":
+        return b * n * t * t * (4 + c)
+    return b * n * min(t, 512) * t * 4
+
+
 def _train_activation_bytes(cfg: ModelConfig, b: int, t: int, tensor: int, dtype: str, remat: str,
                             attention_impl: str, chunk: int) -> int:
+    """What `jax.grad` keeps: under remat each block's input, one block's working set live again,
+    its cotangents (the [T, T] buffers counted once: the backward consumes them in place), the
+    loss chunk's logits; without remat every block's working set."""
     c = jnp.dtype(dtype).itemsize
-    per_layer = [_layer_bytes(cfg, blk, b, t, tensor, c, attention_impl) for blk in cfg.blocks]
+    dense = [_layer_bytes(cfg, blk, b, t, tensor, c) for blk in cfg.blocks]
+    scores = [_score_bytes(cfg, blk, b, t, tensor, c, attention_impl) for blk in cfg.blocks]
     residual = b * t * cfg.hidden_size * c
     if remat == "none":
-        stash = sum(per_layer)
+        stash = sum(dense) + sum(scores)
     else:  # full (or a policy saving little more): each block keeps its input; one block is live again
-        stash = residual * cfg.num_layers + max(per_layer)
-    stash += max(per_layer)  # cotangents of the block being differentiated
+        stash = residual * cfg.num_layers + max(dense) + max(scores)
+    stash += max(dense)  # cotangents of the block being differentiated
     vocab = _split(cfg.vocab_size, tensor)
     logits = 2 * min(chunk, b * t) * vocab * 4  # one chunk of f32 logits and its gradient
     return stash + logits + 2 * residual  # + embedding output and its cotangent
@@ -216,5 +299,6 @@ def _train_activation_bytes(cfg: ModelConfig, b: int, t: int, tensor: int, dtype
 def _inference_activation_bytes(cfg: ModelConfig, b: int, t: int, tensor: int, dtype: str) -> int:
     """Prefill peak: one block's working set plus the residual stream, and the last-token logits."""
     c = jnp.dtype(dtype).itemsize
-    per_layer = max(_layer_bytes(cfg, blk, b, t, tensor, c, "pallas") for blk in cfg.blocks)
+    per_layer = max(_layer_bytes(cfg, blk, b, t, tensor, c) + _score_bytes(cfg, blk, b, t, tensor, c, "pallas")
+                    for blk in cfg.blocks)
     return per_layer + b * t * cfg.hidden_size * c + b * _split(cfg.vocab_size, tensor) * 4

@@ -107,3 +107,16 @@ def quantize_module(module: nnx.Module, bits: Bits, group: int = INT4_GROUP) -> 
 def weight_bytes(module: nnx.Module) -> int:
     """Bytes the weights take as stored (int4 counted packed)."""
     return sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)))
+
+
+def storage_layout(shape: tuple[int, ...], logical_axes: tuple[str | None, ...], bits: Bits, in_axes: int = 1,
+                   group: int = INT4_GROUP) -> tuple[tuple[tuple[int, ...], tuple], tuple[tuple[int, ...], tuple]]:
+    """((shape, logical axes) of `values`, same of `scale`) for a weight of `shape` / `logical_axes`.
+
+    values [G, g, out] carry the input's axis name on G and g (a mesh axis shards G when it divides
+    it, else g: int8 has G = 1) and the first output axis's name on out; scale [G, 1, out] likewise.
+    The planner and the compiled abstract model (`aot`) shard quantized weights by this."""
+    in_dim, out_dim = math.prod(shape[:in_axes]), math.prod(shape[in_axes:])
+    g = group_size(in_dim, bits, group)
+    i, o = logical_axes[0], logical_axes[in_axes]
+    return ((in_dim // g, g, out_dim), (i, i, o)), ((in_dim // g, 1, out_dim), (i, None, o))

@@ -83,3 +83,20 @@ def test_cli_answers_the_capacity_questions(capsys):
 def test_cli_rejects_bad_mesh(capsys):
     assert main(["plan", "--model", "tiny-hetero", "--mesh", "pipeline=2", "--batch", "1", "--seq", "8"]) == 2
     assert "pipeline" in capsys.readouterr().err
+
+
+def test_cli_lora_targets_and_sharded_adapters(capsys):
+    """`plan --lora R --lora-targets ...` (the flags `compile` has): adapters only on the named
+    projections, sharded like the weights they adapt (A [in, r] splits with `embed` over fsdp)."""
+    args = ["plan", "--model", "tiny-llama", "--batch", "8", "--seq", "64", "--lora", "8", "--json"]
+    assert main([*args, "--lora-targets", "q,v", "--devices", "1"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    cfg = nj.preset("tiny-llama")
+    kv = cfg.blocks[0].attention.num_kv_heads * cfg.head_dim
+    assert one["adapter_params"] == cfg.num_layers * 8 * (2 * cfg.hidden_size + cfg.num_attention_heads * cfg.head_dim
+                                                          + kv)
+    assert main([*args, "--lora-targets", "q,v", "--devices", "8", "--mesh", "fsdp=8", "--rules", "fsdp"]) == 0
+    eight = json.loads(capsys.readouterr().out)
+    assert eight["optimizer_bytes"] < one["optimizer_bytes"]  # A's embed rows split 8 ways
+    assert main([*args, "--lora-targets", "q,nope", "--devices", "1"]) == 2
+    assert "lora.targets" in capsys.readouterr().err

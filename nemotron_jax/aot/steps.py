@@ -19,12 +19,16 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nemotron_jax.config import ModelConfig
-from nemotron_jax.model.params import abstract_model, param_shardings
+from nemotron_jax.lora import LoRAConfig
+from nemotron_jax.model.lora import LoRAParam
 from nemotron_jax.model.transformer import Policy
+from nemotron_jax.plan import abstract_run_model, stored_axes
+from nemotron_jax.quantize import QArray
 from nemotron_jax.sharding import Layout, use_layout
 
 Task = Literal["sft", "kd", "grpo", "prefill", "decode"]
 TASKS: tuple[str, ...] = ("sft", "kd", "grpo", "prefill", "decode")
+TRAIN_TASKS: tuple[str, ...] = ("sft", "kd", "grpo")
 
 
 @dataclasses.dataclass
@@ -39,30 +43,49 @@ class Program:
     recompute: float = 1.0  # executed / model FLOPs from rematerialisation (4/3: the forward twice)
 
 
-def abstract_params(cfg: ModelConfig, policy: Policy, layout: Layout) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, params) with every parameter a sharded ShapeDtypeStruct."""
-    abstract = abstract_model(cfg, policy)
+def abstract_params(cfg: ModelConfig, policy: Policy, layout: Layout, quantize: str | None = None,
+                    lora: LoRAConfig | None = None) -> tuple[nnx.GraphDef, nnx.State] | tuple[nnx.GraphDef,
+                                                                                     nnx.State, nnx.State]:
+    """(graphdef, params), every array a sharded ShapeDtypeStruct, of the model a run holds
+    (`plan.abstract_run_model`: `quantize`d projections, `lora` adapters). With adapters it is
+    (graphdef, adapters, frozen base), split as the train loop splits it."""
+    abstract = abstract_run_model(cfg, policy, quantize, lora)
+    if lora is not None and lora.rank:
+        graphdef, adapters, frozen = nnx.split(abstract, LoRAParam, ...)
+        return graphdef, _placed(adapters, layout), _placed(frozen, layout)
     graphdef, state = nnx.split(abstract)
-    shardings = param_shardings(abstract, layout)
-    flat = [(p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p])))
-            for p, v in nnx.to_flat_state(state)]
-    return graphdef, nnx.from_flat_state(flat)
+    return graphdef, _placed(state, layout)
+
+
+def _placed(state: nnx.State, layout: Layout) -> nnx.State:
+    """`state` with each array given its sharding from its logical axes (`plan.stored_axes`)."""
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        parts = {part: jax.ShapeDtypeStruct(shape, dtype, sharding=layout.sharding(axes, shape))
+                 for part, shape, axes, dtype in stored_axes(path, var)}
+        value = value.replace(**parts) if isinstance(value, QArray) else parts[""]
+        flat.append((path, var.replace(value)))
+    return nnx.from_flat_state(flat)
 
 
 def abstract_step(task: Task, cfg: ModelConfig, policy: Policy, layout: Layout, batch: int, seq: int, *,
                   teacher_cfg: ModelConfig | None = None, grad_accum: int = 1, loss_chunk_tokens: int = 4096,
-                  cache_len: int | None = None) -> Program:
+                  cache_len: int | None = None, quantize: str | None = None,
+                  lora: LoRAConfig | None = None) -> Program:
     """The program of `task` at global `batch` x `seq` over `layout`.
 
     sft/kd/grpo: one train step (AdamW state, clipping, donation) on a [batch, seq] batch; kd's
-    teacher is `teacher_cfg` (default: the student's config) in the compute dtype. prefill: `seq`
-    prompt tokens per row into a cache of `cache_len` (default 2·seq). decode: one engine decode
-    step (the while loop with steps=1) against that cache.
+    teacher is `teacher_cfg` (default: the student's config) in the compute dtype. With `lora`
+    (rank > 0) the state holds only the adapters and their moments and the (`quantize`d) base is
+    the step's frozen argument, as in the train loop. prefill: `seq` prompt tokens per row into a
+    cache of `cache_len` (default 2·seq). decode: one engine decode step (the while loop with
+    steps=1) against that cache.
     """
-    graphdef, params = abstract_params(cfg, policy, layout)
     replicated = NamedSharding(layout.mesh, PartitionSpec())
     n_params = cfg.num_params()
-    if task in ("sft", "kd", "grpo"):
+    adapted = lora is not None and lora.rank > 0
+    if task in TRAIN_TASKS:
         from nemotron_jax.data.batch import PolicyBatch, TokenBatch
         from nemotron_jax.rl.strategies import GRPOStrategy
         from nemotron_jax.train.optim import OptimizerConfig, make_optimizer
@@ -70,6 +93,8 @@ def abstract_step(task: Task, cfg: ModelConfig, policy: Policy, layout: Layout, 
         from nemotron_jax.train.step import BATCH_AXES, make_train_step
         from nemotron_jax.train.strategies import KDStrategy, LMStrategy
 
+        graphdef, params, *rest = abstract_params(cfg, policy, layout, quantize, lora)
+        frozen = rest[0] if rest else None  # the LoRA base: a non-donated argument, not optimised
         tx, schedule = make_optimizer(OptimizerConfig(grad_accum=grad_accum), 1000)
         shardings = state_shardings_for(params, tx, layout)
         zero = jax.ShapeDtypeStruct((), jnp.int32)
@@ -92,20 +117,25 @@ def abstract_step(task: Task, cfg: ModelConfig, policy: Policy, layout: Layout, 
                 t_policy = dataclasses.replace(policy, param_dtype=policy.compute_dtype or policy.param_dtype)
                 teacher = abstract_params(teacher_cfg or cfg, t_policy, layout)
         step = make_train_step(strategy, graphdef, tx, schedule, teacher=teacher, layout=layout,
-                               state_shardings=shardings, grad_accum=grad_accum)
-        flops = 6.0 * n_params * batch * seq + (2.0 * (teacher_cfg or cfg).num_params() * batch * seq if teacher
-                                                 else 0.0)
+                               state_shardings=shardings, grad_accum=grad_accum, frozen=frozen)
+        # 6·N·tokens counts the base's weight gradients, which LoRA does not form: 4·N·tokens there
+        flops = (4.0 if adapted else 6.0) * n_params * batch * seq + (
+            2.0 * (teacher_cfg or cfg).num_params() * batch * seq if teacher else 0.0)
 
         def lower_train() -> Any:
             with use_layout(layout):
                 return step.lower(state, data)
 
-        return Program(lower_train, (state, data), data, (state.params, state.opt_state), flops,
+        extra = tuple(x for x in (None if teacher is None else teacher[1], frozen) if x is not None)
+        return Program(lower_train, (state, data, *extra), data,
+                       (state.params, state.opt_state, *(() if frozen is None else (frozen,))), flops,
                        4 / 3 if policy.remat != "none" else 1.0)
 
     from nemotron_jax.sampling.logits_processing import make_params
     from nemotron_jax.sampling.sampler import Flags, Knobs, decode, prefill
 
+    graphdef, *states = abstract_params(cfg, policy, layout, quantize, lora)
+    params = states[0] if len(states) == 1 else nnx.merge_state(*states)  # inference: adapters unmerged
     cache_len = cache_len or 2 * seq
     sampling, greedy, truncate = make_params(0.0, 0, 1.0)
     flags = Flags(greedy, truncate, False)
@@ -123,17 +153,26 @@ def abstract_step(task: Task, cfg: ModelConfig, policy: Policy, layout: Layout, 
                        2.0 * n_params * batch * seq)
     if task != "decode":
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    out = prefill.lower(*pre_args, **pre_kw)
-    st = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      out.out_info, _out_shardings(out, layout))
+    st = decode_state(prefill.eval_shape(*pre_args, **pre_kw), layout)
     steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     return Program(lambda: decode.lower(graphdef, params, st, knobs, steps, flags=flags, layout=layout),
                    (params, st, knobs, steps), st, params, 2.0 * n_params * batch)
 
 
-def _out_shardings(lowered: Any, layout: Layout) -> Any:
-    """Where prefill leaves its outputs (the decode state): its compiled output shardings."""
-    return lowered.compile().output_shardings
+def decode_state(shapes: Any, layout: Layout) -> Any:
+    """The decode state (`sampler.DecodeState`, abstract) placed by `layout`, without compiling
+    prefill: each cache array ([B, S, K, H], or a scanned run's [L, B, S, K, H]) as prefill
+    constrains it, the per-row arrays split over the batch axes, scalars (the key) replicated. (A
+    compiled prefill may leave the [B, S] token buffers replicated instead: B·S·8 bytes per chip.)"""
+    from nemotron_jax.sampling.sampler import _CACHE_AXES  # the axes prefill constrains the cache to
+
+    def place(x: jax.ShapeDtypeStruct, axes: tuple) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=layout.sharding(axes, x.shape))
+
+    cache = [None if c is None else type(c)(*(place(a, _CACHE_AXES[-a.ndim:]) for a in c)) for c in shapes.cache]
+    rest = jax.tree.map(lambda x: place(x, ("batch",) + (None,) * (x.ndim - 1) if x.ndim else ()),
+                        shapes._replace(cache=None))
+    return rest._replace(cache=cache)
 
 
 def sharded_bytes(tree: Any) -> int:
@@ -145,5 +184,5 @@ def sharded_bytes(tree: Any) -> int:
             words = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct((), x.dtype)).shape
             total += math.prod(shape) * math.prod(words) * 4
         else:
-            total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+            total += -(-math.prod(shape) * jax.dtypes.itemsize_bits(x.dtype) // 8)  # int4: packed
     return total

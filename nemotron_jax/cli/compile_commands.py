@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
 from nemotron_jax.aot.steps import TASKS
-from nemotron_jax.cli.plan_commands import parse_mesh
+from nemotron_jax.cli.plan_commands import add_adapter_args, lora_config, parse_mesh
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,9 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-len", type=int, default=None, help="prefill/decode: KV-cache length (default 2*seq)")
     p.add_argument("--remat", default=None, help="jax.checkpoint policy (default: full for training, none else)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="parameter dtype (default: float32 for training, bfloat16 for inference)")
+                   help="parameter dtype (default: float32 for training, bfloat16 for inference and a LoRA base)")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    p.add_argument("--attention-impl", choices=["xla", "pallas"], default="xla")
+    p.add_argument("--attention-impl", choices=["auto", "xla", "pallas"], default="auto",
+                   help="auto (default): what a run on the target uses, pallas (splash) on TPU, xla on CPU")
+    add_adapter_args(p)
     p.add_argument("--no-scan", action="store_true", help="unroll the layers (slow compiles of deep stacks)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -34,19 +37,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def compile_command(args: argparse.Namespace) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling needs no accelerator: never grab one
-    from nemotron_jax.aot import compile_for, format_report
-    from nemotron_jax.model.transformer import Policy
+    from nemotron_jax.aot import compile_for, default_policy, format_report, parse_target
     from nemotron_jax.presets import resolve_config
 
     cfg = resolve_config(args.model)
     mesh = parse_mesh(args.mesh, args.rules)
-    train = args.task in ("sft", "kd", "grpo")
     for name in ("batch", "seq"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    policy = Policy(param_dtype=args.dtype or ("float32" if train else "bfloat16"), compute_dtype=args.compute_dtype,
-                    scan_layers=not args.no_scan, remat=args.remat or ("full" if train else "none"),
-                    attention_impl=args.attention_impl)
-    report = compile_for(cfg, args.target, mesh, args.task, args.batch, args.seq, policy=policy,
-                         cache_len=args.cache_len, grad_accum=args.grad_accum)
+    lora = lora_config(args)
+    target = parse_target(args.target)
+    policy = dataclasses.replace(default_policy(args.task, target.platform, lora.rank if lora else 0),
+                                 compute_dtype=args.compute_dtype, scan_layers=not args.no_scan,
+                                 attention_impl=args.attention_impl)
+    policy = dataclasses.replace(policy, **{k: v for k, v in (("param_dtype", args.dtype), ("remat", args.remat))
+                                            if v is not None})
+    report = compile_for(cfg, target, mesh, args.task, args.batch, args.seq, policy=policy,
+                         cache_len=args.cache_len, grad_accum=args.grad_accum, quantize=args.quantize, lora=lora)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))

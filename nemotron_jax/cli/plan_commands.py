@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 
+from nemotron_jax.lora import LoRAConfig
 from nemotron_jax.plan import DEVICE_MEMORY, GiB, MemoryPlan, min_devices, plan_memory
 from nemotron_jax.presets import resolve_config
 from nemotron_jax.sharding import MESH_AXES, MeshConfig
@@ -26,12 +27,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=sorted(DEVICE_MEMORY), default=None,
                    help="chip kind: say whether it fits, and with --find-devices how many are needed")
     p.add_argument("--find-devices", action="store_true", help="search the smallest power-of-two device count")
+    add_adapter_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=plan)
+
+
+def add_adapter_args(p: argparse.ArgumentParser) -> None:
+    """--quantize / --lora / --lora-targets: the same flags on `plan` and `compile`."""
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantized projections (inference, or the frozen QLoRA base)")
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
-                   help="train LoRA adapters of this rank on every projection (frozen bf16 base)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=plan)
+                   help="train LoRA adapters of this rank (frozen bf16 base): gradients and AdamW for them only")
+    p.add_argument("--lora-targets", default=",".join(LoRAConfig.targets), metavar="q,k,v,o,gate,up,down",
+                   help="projections that get adapters (default: %(default)s)")
+
+
+def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
+    """The adapters --lora / --lora-targets ask for (None without --lora); ConfigError if invalid."""
+    if not args.lora:
+        return None
+    cfg = LoRAConfig(rank=args.lora, targets=tuple(t for t in args.lora_targets.split(",") if t))
+    cfg.validate()
+    return cfg
 
 
 def parse_mesh(text: str, rules: str | None) -> MeshConfig:
@@ -52,8 +69,9 @@ def parse_mesh(text: str, rules: str | None) -> MeshConfig:
 def plan(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.model)
     mesh = parse_mesh(args.mesh, args.rules)
+    lora = lora_config(args)
     kw = {"remat": args.remat, "attention_impl": args.attention_impl, "quantize": args.quantize,
-          "lora_rank": args.lora}
+          "lora_rank": lora.rank if lora else 0, "lora_targets": lora.targets if lora else LoRAConfig.targets}
     if args.find_devices:
         if args.device is None:
             raise ValueError("--find-devices needs --device")

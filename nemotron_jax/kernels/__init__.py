@@ -12,7 +12,9 @@
               Shapes or dtypes a kernel does not take run the reference, with the reason logged at
               WARNING once (logger "nemotron_jax.kernels").
 
-CPU runs the kernels in Pallas interpret mode (slow, for tests); GPU compiles them with Triton.
+The platform is the host's backend, or the one named by `target_platform(...)` around tracing (an
+ahead-of-time compile for a TPU slice on a CPU host). CPU runs the kernels in Pallas interpret mode
+(slow, for tests); GPU compiles them with Triton.
 Block sizes: GPU defaults below (untuned guesses until benchmarked, see docs/benchmarks.md);
 interpret mode uses 16 so that tiny test shapes still span several blocks. The kernel functions
 take block sizes as keywords for direct use and tuning.
@@ -29,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from nemotron_jax.kernels import reference as _reference
-from nemotron_jax.kernels._common import warn_once
+from nemotron_jax.kernels._common import platform, warn_once
+from nemotron_jax.kernels._common import target_platform as target_platform  # re-exported
 
 # The references are reached through their modules: the submodules `swiglu`, `flash_attention`, ...
 # become attributes of this package when imported and would shadow same-named functions here.
@@ -65,14 +68,14 @@ def ffn_fn(impl: str) -> FFNFn:
 
 
 def _blocks(kind: str) -> dict[str, int]:
-    return dict((INTERPRET_BLOCKS if jax.default_backend() == "cpu" else GPU_BLOCKS)[kind])
+    return dict((INTERPRET_BLOCKS if platform() == "cpu" else GPU_BLOCKS)[kind])
 
 
 def attention_unsupported(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array) -> str | None:
     """Why the attention kernels cannot take these operands, or None if they can."""
     h, n, kh = q_BxTxNxH.shape[3], q_BxTxNxH.shape[2], k_BxSxKxH.shape[2]
-    if jax.default_backend() not in ("cpu", "gpu", "tpu"):
-        return f"no attention kernel for backend {jax.default_backend()!r}"
+    if platform() not in ("cpu", "gpu", "tpu"):
+        return f"no attention kernel for backend {platform()!r}"
     if h % 16:
         return f"head_dim {h} is not a multiple of 16"
     if n % kh:
@@ -92,7 +95,7 @@ def pallas_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.
     if reason is not None:
         warn_once(reason)
         return _reference.dot_product_attention(*args)
-    if jax.default_backend() == "tpu":
+    if platform() == "tpu":
         from nemotron_jax.kernels.tpu import splash_attention
 
         return splash_attention(*args, reference=_reference.dot_product_attention)
@@ -109,8 +112,8 @@ def pallas_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.
 def ffn_unsupported(h_BxTxD: jax.Array, gate_DxF: jax.Array, up_DxF: jax.Array, down_FxD: jax.Array) -> str | None:
     """Why the fused SwiGLU kernel cannot take these operands, or None if it can."""
     d, f = gate_DxF.shape
-    if jax.default_backend() not in ("cpu", "gpu"):
-        return f"no fused SwiGLU kernel for backend {jax.default_backend()!r}"
+    if platform() not in ("cpu", "gpu"):
+        return f"no fused SwiGLU kernel for backend {platform()!r}"
     if f % 256:
         return f"FFN width {f} is not a multiple of 256"
     if d % 16:

@@ -7,7 +7,10 @@ let them skip blocks that are *certainly* fully masked, so they are conservative
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -21,6 +24,23 @@ INT_MIN = int(jnp.iinfo(jnp.int32).min)
 INT_MAX = int(jnp.iinfo(jnp.int32).max)
 
 _logged: set[str] = set()
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("nemotron_jax_kernel_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str | None) -> Iterator[None]:
+    """Choose kernels for `platform` (cpu | gpu | tpu) while tracing inside this block, not for the
+    host's backend: `nemotron-jax compile` traces a TPU slice's program on a CPU host."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def platform() -> str:
+    """The platform kernels are chosen for: `target_platform`'s, else `jax.default_backend()`."""
+    return _PLATFORM.get() or jax.default_backend()
 
 
 def warn_once(reason: str) -> None:
@@ -32,7 +52,7 @@ def warn_once(reason: str) -> None:
 
 def interpret_mode() -> bool:
     """CPU runs Pallas in interpret mode (tests); GPU compiles through Triton."""
-    return jax.default_backend() == "cpu"
+    return platform() == "cpu"
 
 
 def triton_params(num_warps: int, num_stages: int, interpret: bool) -> Any:

@@ -12,6 +12,9 @@ The other `cond` branch is the reference applied to 512-query chunks under `jax.
 compiling it never allocates a full [T, S] logits buffer for a branch that usually does not run.
 
 Splash does not scale logits, so q is scaled by head_dim**-0.5 first (one extra rounding in bf16).
+Under a multi-device layout the whole choice runs per shard inside `shard_map` (Mosaic kernels are
+not partitioned automatically), at default matmul precision (Mosaic rejects fp32 contraction
+precision on bf16 operands, which `jax_default_matmul_precision="highest"` would ask for).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from nemotron_jax.kernels._common import warn_once
+from nemotron_jax.sharding import Layout, current_layout
 
 
 @functools.lru_cache(maxsize=32)
@@ -31,7 +36,8 @@ def _splash_kernel(seq: int, heads: int, interpret: bool) -> Any:
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     mask = sa.MultiHeadMask([sa.CausalMask((seq, seq))] * heads)
-    return sa.make_splash_mha_single_device(mask, block_sizes=sa.BlockSizes.get_default(), interpret=interpret)
+    with jax.ensure_compile_time_eval():  # its mask arrays concrete, never a tracer of whichever trace came first
+        return sa.make_splash_mha_single_device(mask, block_sizes=sa.BlockSizes.get_default(), interpret=interpret)
 
 
 def splash_causal(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, seg_BxT: jax.Array | None,
@@ -78,9 +84,66 @@ def splash_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.
     except ImportError as e:  # pragma: no cover - depends on the jaxlib build
         warn_once(f"splash attention unavailable ({e})")
         return reference(*args)
-    return jax.lax.cond(index_causal(q_pos_BxT, kv_pos_BxS, q_seg_BxT, kv_seg_BxS),
-                        lambda: splash_causal(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT),
+    layout = current_layout()
+    if layout is None or layout.mesh.size == 1:
+        return _splash_or_reference(*args, reference=reference)
+    return _per_shard(layout, functools.partial(_splash_or_reference, reference=reference), *args)
+
+
+def _splash_or_reference(*args: Any, reference: Callable[..., jax.Array]) -> jax.Array:
+    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_pos_BxT, kv_pos_BxS, q_seg_BxT, kv_seg_BxS = args
+    splash = lambda: _at_default_precision(splash_causal)(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT)
+    return jax.lax.cond(index_causal(q_pos_BxT, kv_pos_BxS, q_seg_BxT, kv_seg_BxS), splash,
                         lambda: chunked_reference(reference, *args))
+
+
+def _at_default_precision(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """`fn`, forward and backward traced at default matmul precision, if another is configured:
+    Mosaic rejects fp32 contraction precision on bf16 operands (`jax_default_matmul_precision=
+    "highest"`, as the tests set). A `with` around the call alone would not cover the backward
+    kernels, traced later when the step is differentiated: here the backward is the forward's own
+    pullback, applied under it too."""
+    if jax.config.jax_default_matmul_precision in (None, "default", "bfloat16", "fastest"):
+        return fn
+
+    @jax.custom_vjp
+    def wrapped(*args: Any) -> jax.Array:
+        with jax.default_matmul_precision("default"):
+            return fn(*args)
+
+    def forward(*args: Any) -> tuple[jax.Array, Any]:
+        with jax.default_matmul_precision("default"):
+            return jax.vjp(fn, *args)  # the pullback is a pytree of the kernel's residuals
+
+    def backward(pullback: Any, g: jax.Array) -> Any:
+        with jax.default_matmul_precision("default"):
+            return pullback(g)
+
+    wrapped.defvjp(forward, backward)
+    return wrapped
+
+
+def _per_shard(layout: Layout, fn: Callable[..., jax.Array], *args: jax.Array | None) -> jax.Array:
+    """`fn` on each device's rows and heads (`shard_map`): Mosaic kernels are not partitioned
+    automatically. Rows split as the layout splits the batch; heads split only when both the query
+    and the KV heads split alike (else GQA's grouping would change), and never the sequence."""
+    q, k = args[0], args[1]
+    q_spec = layout.spec(("batch", None, "act_heads", None), q.shape)  # type: ignore[union-attr]
+    kv_spec = layout.spec(("batch", None, "act_kv_heads", None), k.shape)  # type: ignore[union-attr]
+    if q_spec[2] != kv_spec[2]:
+        q_spec = kv_spec = PartitionSpec(q_spec[0], None, None, None)
+    row = PartitionSpec(q_spec[0], None)
+    specs = (q_spec, kv_spec, kv_spec, row, row, row, row)
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def local(*xs: jax.Array) -> jax.Array:
+        full: list[jax.Array | None] = [None] * len(args)
+        for i, x in zip(present, xs, strict=True):
+            full[i] = x
+        return fn(*full)
+
+    return jax.shard_map(local, mesh=layout.mesh, in_specs=tuple(specs[i] for i in present), out_specs=q_spec,
+                         check_vma=False)(*(args[i] for i in present))
 
 
 def chunked_reference(reference: Callable[..., jax.Array], q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array,
