@@ -7,8 +7,7 @@ one), three workloads:
   copy and a large reduction, numpy and JAX; the best counts).
 - long-tailed: 64 requests, prompts 16-128 tokens, new tokens lognormal around 48 clipped to
   8-340; useful tokens/s of the engine (all requests at once), the static sampler in batches of 8
-  (each batch runs to its longest request), transformers `generate` in batches of 8 (left-padded)
-  and transformers continuous batching (`init_continuous_batching`, each request its own length);
+  (each batch runs to its longest request) and transformers `generate` in batches of 8 (left-padded);
   KV memory in use at the peak vs a contiguous cache of 32 slots sized for the longest request.
 - GRPO-shaped: 16 prompts x 16 samples: prefill tokens and peak KV bytes with vs without sharing.
 
@@ -110,15 +109,9 @@ def long_tail(model, hf, requests: int, rows: list) -> None:
     t = time.perf_counter()
     theirs = static_run()
     t_static = time.perf_counter() - t
-    t_hf, t_hf_cb = float("nan"), float("nan")
+    t_hf = float("nan")
     if hf is not None:
         import torch
-
-        hf_continuous(hf, prompts, new)  # warm
-        t = time.perf_counter()
-        cb_out = hf_continuous(hf, prompts, new)
-        t_hf_cb = time.perf_counter() - t
-        cb_same = np.mean([a == b for a, b in zip(ours, cb_out, strict=True)])
 
         t = time.perf_counter()
         for i in range(0, requests, 8):
@@ -135,26 +128,12 @@ def long_tail(model, hf, requests: int, rows: list) -> None:
     contiguous_bytes = contiguous * model.config.kv_cache_bytes_per_token("float32")
     rows.append(("long-tailed", f"{requests} req, {useful} useful tok", useful / t_eng, useful / t_static,
                  useful / t_hf, f"engine {useful / t_eng / (useful / t_static):.2f}x static, "
-                 f"{t_hf / t_eng:.2f}x transformers generate, {t_hf_cb / t_eng:.2f}x transformers generate_batch "
-                 f"({useful / t_hf_cb:.0f} tok/s); {eng.stats['decode_calls']} decode calls; KV in use at peak "
+                 f"{t_hf / t_eng:.2f}x transformers generate; {eng.stats['decode_calls']} decode calls; "
+                 f"KV in use at peak "
                  f"{peak * eng.geometry.page_bytes(16, 'float32') / 2**20:.0f} MiB (32 slots) vs a contiguous "
                  f"32-slot cache {contiguous_bytes / 2**20:.0f} MiB",
-                 f"{same:.2f} rows equal static" + (f", {cb_same:.2f} generate_batch" if hf is not None else "")))
+                 f"{same:.2f} rows equal static"))
     print(f"progress: {rows[-1]}", file=sys.stderr, flush=True)
-
-
-def hf_continuous(hf, prompts: list, new: list) -> list:
-    """transformers' continuous batching (`init_continuous_batching`), each request its own length."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=max(new), do_sample=False, eos_token_id=None, pad_token_id=0)
-    manager = hf.init_continuous_batching(generation_config=config)
-    manager.start()
-    ids = [manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
-           for i, (p, n) in enumerate(zip(prompts, new, strict=True))]
-    out = [list(manager.get_result(r, timeout=3600).generated_tokens) for r in ids]
-    manager.stop(block=True)
-    return out
 
 
 def grpo(model, rows: list) -> None:
