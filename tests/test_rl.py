@@ -171,6 +171,6 @@ def test_rollout_mesh_with_quantized_weights_is_refused():
     from nemotron_jax.errors import ConfigError
     from nemotron_jax.recipes import load_recipe
 
-    with pytest.raises(ConfigError, match="rollout_mesh with model.quantize"):
+    with pytest.raises(ConfigError, match=r"rollout_mesh with model\.quantize"):
         load_recipe(Path(__file__).parents[1] / "configs" / "recipes" / "grpo-tiny.yaml",
                     ["model.quantize=int8", "lora.rank=4", "sampling.rollout_mesh.fsdp=2"])
